@@ -1,0 +1,392 @@
+"""MAR: masked autoregressive generation with a per-token Diffusion Loss (reference model).
+
+Module and parameter names follow the official implementation exactly, so its checkpoints load
+strictly. Differences from the official code, by design: no hard-coded `.cuda()` (everything runs
+on the module's device), generation orders and masks come from torch generators instead of
+NumPy's global RNG (so a seed reproduces a sample), and `class_emb` has `class_num` rows (the
+official code always allocates 1000).
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .diffloss import DiffLoss, as_cfg_scale, check_temperature
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with a fused qkv projection: [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (timm `Block` names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm, proj_drop=0.0, attn_drop=0.0):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def truncated_normal_mask_ratio(mask_ratio_min, generator=None, device=None):
+    """One mask ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (inverse-CDF draw)."""
+    lo = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
+    hi = torch.special.ndtr(torch.tensor(0.0, dtype=torch.float64))
+    u = torch.rand((), dtype=torch.float64, generator=generator, device=device).cpu()
+    return float(1.0 + 0.25 * torch.special.ndtri(lo + (hi - lo) * u))
+
+
+def next_mask_len(seq_len, step, num_iter, masked_now):
+    """Tokens still masked after AR step `step` (official cosine schedule, at least one per step)."""
+    mask_ratio = math.cos(math.pi / 2.0 * (step + 1) / num_iter)
+    return int(max(1, min(masked_now - 1, math.floor(seq_len * mask_ratio))))
+
+
+def mask_by_order(mask_len, orders):
+    """Boolean [B, L] mask of the first `mask_len` positions of each row's order [B, L]."""
+    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+    return mask.scatter(-1, orders[:, :mask_len], True)
+
+
+class MAR(nn.Module):
+    """Masked autoregressive model (official constructor keywords; see `mar_base` etc.).
+
+    forward(latents [B, vae_embed_dim, H, W], labels long [B]) -> scalar training loss.
+    sample_tokens(bsz, ...) -> latents [B, vae_embed_dim, H, W] (official signature).
+    sample(labels, ...) -> latents, or images when a tokenizer with `decode` is attached.
+    """
+
+    def __init__(self, img_size=256, vae_stride=16, patch_size=1,
+                 encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                 decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+                 mlp_ratio=4.0, norm_layer=nn.LayerNorm, vae_embed_dim=16, mask_ratio_min=0.7,
+                 label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1,
+                 buffer_size=64, diffloss_d=3, diffloss_w=1024, num_sampling_steps="100",
+                 diffusion_batch_mul=4, grad_checkpointing=False, sample_clip=None, tokenizer=None):
+        super().__init__()
+        if img_size % (vae_stride * patch_size):
+            raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size = {vae_stride * patch_size}")
+        if not 0.0 < mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must lie in (0, 1], got {mask_ratio_min}")
+        self.vae_embed_dim = vae_embed_dim
+        self.img_size = img_size
+        self.vae_stride = vae_stride
+        self.patch_size = patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size**2
+        self.grad_checkpointing = grad_checkpointing
+        self.num_classes = class_num
+        self.mask_ratio_min = mask_ratio_min
+        self.label_drop_prob = label_drop_prob
+        self.buffer_size = buffer_size
+        self.diffusion_batch_mul = diffusion_batch_mul
+        self.sample_clip = sample_clip
+        self.tokenizer = tokenizer
+        self.config = dict(
+            img_size=img_size, vae_stride=vae_stride, patch_size=patch_size,
+            encoder_embed_dim=encoder_embed_dim, encoder_depth=encoder_depth, encoder_num_heads=encoder_num_heads,
+            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+            mlp_ratio=mlp_ratio, vae_embed_dim=vae_embed_dim, mask_ratio_min=mask_ratio_min,
+            label_drop_prob=label_drop_prob, class_num=class_num, attn_dropout=attn_dropout,
+            proj_dropout=proj_dropout, buffer_size=buffer_size, diffloss_d=diffloss_d, diffloss_w=diffloss_w,
+            num_sampling_steps=str(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul,
+            sample_clip=list(sample_clip) if sample_clip is not None else None,
+        )
+
+        self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
+        self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
+        self.z_proj = nn.Linear(self.token_embed_dim, encoder_embed_dim, bias=True)
+        self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, encoder_embed_dim))
+        block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer,
+                        proj_drop=proj_dropout, attn_drop=attn_dropout)
+        self.encoder_blocks = nn.ModuleList([block(encoder_embed_dim, encoder_num_heads) for _ in range(encoder_depth)])
+        self.encoder_norm = norm_layer(encoder_embed_dim)
+        self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
+        self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
+        self.initialize_weights()
+        self.diffloss = DiffLoss(
+            target_channels=self.token_embed_dim,
+            z_channels=decoder_embed_dim,
+            width=diffloss_w,
+            depth=diffloss_d,
+            num_sampling_steps=num_sampling_steps,
+            grad_checkpointing=grad_checkpointing,
+        )
+
+    def initialize_weights(self):
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
+                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def device(self):
+        return self.fake_latent.device
+
+    # ----------------------------------------------------------------------------------------
+    # tokens
+    def patchify(self, x):
+        """[B, C, H, W] -> [B, L, C * p * p]."""
+        bsz, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(bsz, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwcpq", x)
+        return x.reshape(bsz, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, x):
+        """[B, L, C * p * p] -> [B, C, H, W]."""
+        bsz, p, c = x.shape[0], self.patch_size, self.vae_embed_dim
+        x = x.reshape(bsz, self.seq_h, self.seq_w, c, p, p)
+        x = torch.einsum("nhwcpq->nchpwq", x)
+        return x.reshape(bsz, c, self.seq_h * p, self.seq_w * p)
+
+    def sample_orders(self, bsz, generator=None):
+        """A uniformly random generation order per sample: long [B, L] on the model's device."""
+        keys = torch.rand(bsz, self.seq_len, generator=generator, device=self.device)
+        return torch.argsort(keys, dim=-1)
+
+    def random_masking(self, x, orders, generator=None):
+        """Float mask [B, L] (1 = masked) of the first ceil(L * r) positions of each order."""
+        bsz, seq_len, _ = x.shape
+        ratio = truncated_normal_mask_ratio(self.mask_ratio_min, generator, self.device)
+        num_masked = int(math.ceil(seq_len * ratio))
+        return mask_by_order(num_masked, orders).to(x.dtype)
+
+    # ----------------------------------------------------------------------------------------
+    # transformer
+    def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
+        """Tokens [B, L, Ct], mask [B, L] (1 = masked, same count per row), class emb [B, D]
+        -> encoded buffer and unmasked positions [B, buffer + known, D]."""
+        x = self.z_proj(x)
+        bsz, _, embed_dim = x.shape
+        x = torch.cat([x.new_zeros(bsz, self.buffer_size, embed_dim), x], dim=1)
+        mask_with_buffer = torch.cat([mask.new_zeros(bsz, self.buffer_size), mask], dim=1)
+        if self.training:
+            drop = (torch.rand(bsz, generator=generator, device=x.device) < self.label_drop_prob).unsqueeze(-1).to(x.dtype)
+            class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
+        x[:, : self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        x = x[(1 - mask_with_buffer).nonzero(as_tuple=True)].reshape(bsz, -1, embed_dim)
+        x = self._run_blocks(self.encoder_blocks, x)
+        return self.encoder_norm(x)
+
+    def forward_mae_decoder(self, x, mask):
+        """Encoder output [B, buffer + known, D], mask [B, L] -> conditions z [B, L, Dd]."""
+        x = self.decoder_embed(x)
+        mask_with_buffer = torch.cat([mask.new_zeros(x.size(0), self.buffer_size), mask], dim=1)
+        x_after_pad = self.mask_token.to(x.dtype).repeat(mask_with_buffer.shape[0], mask_with_buffer.shape[1], 1)
+        x_after_pad[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
+        x = self._run_blocks(self.decoder_blocks, x_after_pad + self.decoder_pos_embed_learned)
+        x = self.decoder_norm(x)[:, self.buffer_size:]
+        return x + self.diffusion_pos_embed_learned
+
+    def _run_blocks(self, blocks, x):
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    # ----------------------------------------------------------------------------------------
+    # training
+    def check_latents(self, latents):
+        expected = (self.vae_embed_dim, self.seq_h * self.patch_size, self.seq_w * self.patch_size)
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError("latents must be a floating-point tensor [B, C, H, W]")
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
+            raise ValueError(f"latents must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], got {tuple(latents.shape)}")
+
+    def check_labels(self, labels, bsz=None):
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int32, torch.int64) or labels.dim() != 1:
+            raise TypeError("labels must be a 1-D integer tensor of class indices")
+        if bsz is not None and labels.shape[0] != bsz:
+            raise ValueError(f"expected {bsz} labels, got {labels.shape[0]}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got values in "
+                             f"{int(labels.min())}..{int(labels.max())}")
+
+    def forward_loss(self, z, target, mask):
+        bsz, seq_len, _ = target.shape
+        target = target.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
+        z = z.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
+        mask = mask.reshape(bsz * seq_len).repeat(self.diffusion_batch_mul)
+        return self.diffloss(z=z, target=target, mask=mask)
+
+    def forward(self, imgs, labels, generator=None):
+        """Training loss for latents imgs [B, C, H, W] and labels [B]."""
+        self.check_latents(imgs)
+        self.check_labels(labels, imgs.shape[0])
+        labels = labels.to(self.device)
+        class_embedding = self.class_emb(labels)
+        x = self.patchify(imgs)
+        gt_latents = x.clone().detach()
+        orders = self.sample_orders(x.size(0), generator)
+        mask = self.random_masking(x, orders, generator)
+        x = self.forward_mae_encoder(x, mask, class_embedding, generator)
+        z = self.forward_mae_decoder(x, mask)
+        return self.forward_loss(z=z, target=gt_latents, mask=mask)
+
+    # ----------------------------------------------------------------------------------------
+    # sampling
+    def check_sampling_args(self, num_iter, cfg, cfg_schedule, temperature):
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or not 1 <= num_iter <= self.seq_len:
+            raise ValueError(f"num_iter must be an integer in 1..{self.seq_len}, got {num_iter!r}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        return as_cfg_scale(cfg), check_temperature(temperature)
+
+    def cfg_for_step(self, cfg, cfg_schedule, mask_len):
+        if cfg_schedule == "linear":
+            return 1 + (cfg - 1) * (self.seq_len - mask_len) / self.seq_len
+        return cfg
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                      progress=False, *, generator=None):
+        """Reference AR sampling loop (official semantics): latents [bsz, C, H, W], float32.
+
+        labels: long [bsz] or None (unconditional, the fake latent). With cfg != 1 the batch is
+        doubled with the fake latent as the unconditional half.
+        """
+        cfg, temperature = self.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
+        if labels is not None:
+            self.check_labels(labels, bsz)
+            labels = labels.to(self.device)
+        dev = self.device
+        mask = torch.ones(bsz, self.seq_len, device=dev)
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=dev)
+        orders = self.sample_orders(bsz, generator)
+        masked_now = self.seq_len
+        steps = range(num_iter)
+        for step in tqdm(steps, desc="MAR steps", leave=False) if progress else steps:
+            cur_tokens = tokens.clone()
+            class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+            enc_tokens, enc_mask = tokens, mask
+            if cfg != 1.0:
+                enc_tokens = torch.cat([tokens, tokens])
+                class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
+                enc_mask = torch.cat([mask, mask])
+            x = self.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
+            z = self.forward_mae_decoder(x, enc_mask)
+            mask_len = next_mask_len(self.seq_len, step, num_iter, masked_now)
+            mask_next = mask_by_order(mask_len, orders)
+            mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
+            mask, masked_now = mask_next.float(), mask_len
+            if cfg != 1.0:
+                z = torch.cat([z[:bsz][mask_to_pred], z[bsz:][mask_to_pred]])
+            else:
+                z = z[mask_to_pred]
+            cfg_iter = self.cfg_for_step(cfg, cfg_schedule, mask_len)
+            sampled = self.diffloss.sample(z, temperature, cfg_iter, generator=generator, clip_x0=self.sample_clip)
+            if cfg != 1.0:
+                sampled = sampled[: sampled.shape[0] // 2]
+            cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
+            tokens = cur_tokens
+        return self.unpatchify(tokens)
+
+    def sample(self, labels, num_iter=64, cfg=1.0, cfg_schedule="linear", temperature=1.0, *, seed=None,
+               generator=None, progress=True):
+        """Generate one image per label (long [B], or a list of ints; None entries are not allowed).
+
+        Reproducible: `seed` (or an explicit `generator` on the model's device) fixes every draw.
+        Returns the tokenizer's decoded images when one is attached, else latents [B, C, H, W].
+        """
+        if seed is not None and generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.check_labels(labels)
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        was_training = self.training
+        self.eval()
+        try:
+            latents = self.sample_tokens(labels.shape[0], num_iter, cfg, cfg_schedule, labels.to(self.device),
+                                         temperature, progress, generator=generator)
+        finally:
+            self.train(was_training)
+        return self.tokenizer.decode(latents) if self.tokenizer is not None else latents
+
+
+PRESETS = {
+    "mar_base": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                     decoder_embed_dim=768, decoder_depth=12, decoder_num_heads=12),
+    "mar_large": dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
+                      decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16),
+    "mar_huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16,
+                     decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16),
+}
+
+norm_layer_eps6 = partial(nn.LayerNorm, eps=1e-6)
+
+
+def build_preset(name, **kwargs):
+    return MAR(**PRESETS[name], mlp_ratio=4, norm_layer=norm_layer_eps6, **kwargs)
+
+
+def mar_base(**kwargs):
+    """MAR-B: width 768, 12 + 12 blocks, 12 heads (released head: diffloss_d=6, diffloss_w=1024)."""
+    return build_preset("mar_base", **kwargs)
+
+
+def mar_large(**kwargs):
+    """MAR-L: width 1024, 16 + 16 blocks, 16 heads (released head: diffloss_d=8, diffloss_w=1280)."""
+    return build_preset("mar_large", **kwargs)
+
+
+def mar_huge(**kwargs):
+    """MAR-H: width 1280, 20 + 20 blocks, 16 heads (released head: diffloss_d=12, diffloss_w=1536)."""
+    return build_preset("mar_huge", **kwargs)
