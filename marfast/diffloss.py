@@ -5,12 +5,16 @@ load strictly). This plain-PyTorch code is the readable spec of the head and the
 the fused Triton path must compute the same function.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, parse_num_steps, timestep_embedding
+
+
+BACKENDS = ("auto", "triton", "torch")
 
 
 def modulate(x, shift, scale):
@@ -174,8 +178,12 @@ class DiffLoss(nn.Module):
     the caller keeps the first half, as with the official head).
     """
 
-    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps, grad_checkpointing=False):
+    def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps, grad_checkpointing=False,
+                 backend="auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
         self.in_channels = target_channels
         self.z_channels = z_channels
         self.net = SimpleMLPAdaLN(
@@ -191,7 +199,23 @@ class DiffLoss(nn.Module):
         self.gen_diffusion = GaussianDiffusion(self.num_sampling_steps)
 
     def extra_repr(self):
-        return f"target_channels={self.in_channels}, z_channels={self.z_channels}, sampling_steps={self.num_sampling_steps}"
+        return (f"target_channels={self.in_channels}, z_channels={self.z_channels}, "
+                f"sampling_steps={self.num_sampling_steps}, backend={self.backend!r}")
+
+    def backend_for(self, device):
+        """The path that runs for tensors on `device`: "triton" or "torch".
+
+        "auto" picks Triton on CUDA and the reference elsewhere; "triton" off CUDA needs the Triton
+        CPU interpreter (TRITON_INTERPRET=1) and raises otherwise.
+        """
+        device = torch.device(device)
+        if self.backend == "torch":
+            return "torch"
+        if self.backend == "auto":
+            return "triton" if device.type == "cuda" else "torch"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1, got tensors on {device}")
+        return "triton"
 
     def _check_rows(self, target, z):
         check_float_tensor("target", target, 2, self.in_channels)
