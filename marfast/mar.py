@@ -175,6 +175,20 @@ class MAR(nn.Module):
     def device(self):
         return self.fake_latent.device
 
+    @classmethod
+    def load(cls, source, ema=True, device=None, dtype=None):
+        """Load a model: a save_pretrained directory, an official checkpoint (.pth, EMA weights by
+        default), a flat safetensors state dict, or a packaged model name such as "digits"."""
+        from .checkpoint import load_model
+
+        return load_model(source, ema=ema, device=device, dtype=dtype)
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors into `directory` (atomically)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory)
+
     # ----------------------------------------------------------------------------------------
     # tokens
     def patchify(self, x):
