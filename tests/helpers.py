@@ -1,0 +1,27 @@
+"""Small shared test helpers: tiny model configurations and the official key list."""
+import ast
+from pathlib import Path
+
+from marfast import MAR
+
+SPEC_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_state_dict_keys.txt"
+
+TINY_MAR = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=3,
+                encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
+                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2,
+                buffer_size=4, class_num=10, diffloss_d=2, diffloss_w=40, num_sampling_steps="6")
+
+
+def tiny_mar(**overrides):
+    return MAR(**{**TINY_MAR, **overrides})
+
+
+def official_key_shapes():
+    """{preset: {key: shape list}} from the official key list in shared/spec."""
+    table = {}
+    for line in SPEC_KEYS.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        preset, key, shape = line.split(None, 2)
+        table.setdefault(preset, {})[key] = ast.literal_eval(shape)
+    return table
