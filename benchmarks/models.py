@@ -1,0 +1,144 @@
+"""Benchmark subjects: the released head sizes, MAR presets, tiny CPU stand-ins, and the probes that
+tell whether a fast path (fused head, fast MAR loop) is really present."""
+import importlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import marfast.diffloss as diffloss_module
+from marfast import DiffLoss
+
+TOKEN_CHANNELS = 16
+DDPM_STEPS = 100
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A diffusion head size: depth x width, condition width z, token channels."""
+
+    name: str
+    depth: int
+    width: int
+    z_channels: int
+    channels: int = TOKEN_CHANNELS
+
+
+RELEASED_HEADS = (
+    HeadSpec("6x1024", 6, 1024, 768),    # mar_base
+    HeadSpec("8x1280", 8, 1280, 1024),   # mar_large
+    HeadSpec("12x1536", 12, 1536, 1280),  # mar_huge
+)
+TINY_HEAD = HeadSpec("tiny2x64", 2, 64, 32)
+
+RELEASED_CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}
+
+TINY_MAR_CONFIG = dict(img_size=64, vae_stride=16, patch_size=1, vae_embed_dim=TOKEN_CHANNELS,
+                       encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+                       decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, mlp_ratio=4.0,
+                       buffer_size=4, class_num=10, diffloss_d=2, diffloss_w=64, num_sampling_steps="10")
+
+
+def randomize_(module, seed, std=0.02):
+    """Overwrite every parameter with N(0, std^2) draws (the official init zeroes the adaLN and final
+    layers, which would make the head's output trivially constant)."""
+    gen = None
+    for param in module.parameters():
+        if gen is None:
+            gen = torch.Generator(device=param.device).manual_seed(seed)
+        with torch.no_grad():
+            param.copy_(torch.randn(param.shape, generator=gen, device=param.device, dtype=torch.float32) * std)
+    return module
+
+
+def build_head(spec, device, dtype, backend, state_dict=None):
+    """DiffLoss of `spec` with 100 DDPM steps in eval mode, weights in `dtype`."""
+    with torch.device(device):
+        head = DiffLoss(target_channels=spec.channels, z_channels=spec.z_channels, depth=spec.depth,
+                        width=spec.width, num_sampling_steps=str(DDPM_STEPS), backend=backend)
+    if state_dict is None:
+        randomize_(head, seed=spec.depth * 1000 + spec.width)
+    else:
+        head.load_state_dict(state_dict)
+    return head.to(dtype=dtype).eval()
+
+
+@contextmanager
+def count_reference_paths(head):
+    """Count calls of the reference sampling loop and of the denoiser's full forward while active."""
+    counts = {"reference_loop": 0, "net_forward": 0}
+    original_loop = diffloss_module.ddpm_sample_loop_reference
+
+    def counting_loop(*args, **kwargs):
+        counts["reference_loop"] += 1
+        return original_loop(*args, **kwargs)
+
+    def count_forward(module, inputs):
+        counts["net_forward"] += 1
+
+    diffloss_module.ddpm_sample_loop_reference = counting_loop
+    hook = head.net.register_forward_pre_hook(count_forward)
+    try:
+        yield counts
+    finally:
+        hook.remove()
+        diffloss_module.ddpm_sample_loop_reference = original_loop
+
+
+def fused_head_absence(head, z_channels, device, dtype, cfg):
+    """None when `head.sample` runs a fused path on `device`; otherwise why not (a skip reason).
+
+    Probes a 4-row CFG sample. NotImplementedError/ImportError mean "not built yet"; any other
+    exception is a real failure and propagates. If the reference loop or the denoiser's full
+    forward ran, the fused path is not present (the backend fell through to the reference).
+    """
+    z = torch.randn(4, z_channels, device=device, dtype=dtype)
+    try:
+        with count_reference_paths(head) as counts, torch.no_grad():
+            head.sample(z, temperature=1.0, cfg=cfg)
+    except (NotImplementedError, ImportError) as error:
+        return f"DiffLoss(backend={head.backend!r}).sample is not available yet: {type(error).__name__}: {error}"
+    if counts["reference_loop"] or counts["net_forward"]:
+        return (f"fused sampling path not present: DiffLoss(backend={head.backend!r}).sample ran the reference "
+                f"loop ({counts['reference_loop']} loop call(s), {counts['net_forward']} denoiser forward(s))")
+    return None
+
+
+def resolve_fast_sampler(model):
+    """(callable(**sample_tokens kwargs), description) of the fast MAR sampling loop, or (None, reason).
+
+    Looks for `MAR.sample_tokens_fast` and then `marfast.sampler.sample_tokens_fast(model, ...)`;
+    both take the official `sample_tokens` keywords (bsz, num_iter, cfg, cfg_schedule, labels,
+    temperature).
+    """
+    method = getattr(type(model), "sample_tokens_fast", None)
+    if callable(method):
+        return (lambda **kwargs: method(model, **kwargs)), "MAR.sample_tokens_fast"
+    try:
+        sampler = importlib.import_module("marfast.sampler")
+    except ModuleNotFoundError as error:
+        if error.name != "marfast.sampler":
+            raise
+        return None, "no fast MAR sampling loop yet (neither MAR.sample_tokens_fast nor marfast.sampler exists)"
+    function = getattr(sampler, "sample_tokens_fast", None)
+    if callable(function):
+        return (lambda **kwargs: function(model, **kwargs)), "marfast.sampler.sample_tokens_fast"
+    public = sorted(name for name in vars(sampler) if not name.startswith("_"))
+    return None, ("marfast.sampler exists but has no sample_tokens_fast(model, ...); "
+                  f"public names: {', '.join(public)}")
+
+
+def require_finite_tokens(rows, channels):
+    """check_output callable: the result is a finite [rows, channels] tensor."""
+    def check(result):
+        if tuple(result.shape) != (rows, channels):
+            raise AssertionError(f"expected a [{rows}, {channels}] result, got {tuple(result.shape)}")
+        if not torch.isfinite(result).all():
+            raise AssertionError("the sampled tokens contain NaN or inf")
+    return check
+
+
+def skip_unless_cuda(what):
+    if not torch.cuda.is_available():
+        pytest.skip(f"{what} is timed on CUDA only")

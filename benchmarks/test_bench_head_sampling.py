@@ -1,0 +1,127 @@
+"""Diffusion-head sampling: the whole 100-step reverse DDPM loop with CFG, per provider.
+
+GPU: the three released head sizes (6x1024 Z=768, 8x1280 Z=1024, 12x1536 Z=1280; C=16) at 8, 64,
+512, 4096 and 16384 rows, bf16 weights, fp32 state. CPU: a tiny head at 8 and 64 rows in fp32,
+reference only (exercises the harness in CI).
+
+"rows" counts the rows the denoiser sees per step: with CFG they are B conditional and B
+unconditional rows, so tokens per call = rows / 2.
+
+Providers, timed side by side in one run (reference first, so that the others' speedups use it):
+- reference_eager: `DiffLoss(backend="torch").sample`, the plain loop calling the net once per step;
+- torch_compile: the same loop (`ddpm_sample_loop_reference`) with `torch.compile(net, dynamic=True)`
+  (default mode; one compilation per head size, excluded from the timings: it happens in warm-up);
+- marfast_fused: `DiffLoss(backend="triton").sample`, skipped with the reason when the fused path is
+  not present.
+"""
+import pytest
+import torch
+
+from marfast.diffloss import ddpm_sample_loop_reference
+
+from .harness import COMPILE, FUSED, PROVIDER_ORDER, REFERENCE, Work, head_sampling_work
+from .models import (DDPM_STEPS, RELEASED_HEADS, TINY_HEAD, build_head, fused_head_absence,
+                     require_finite_tokens)
+
+CFG = 3.0
+ON_GPU = torch.cuda.is_available()
+GPU_ROWS = (8, 64, 512, 4096, 16384)
+QUICK_ROWS = (8, 4096)
+
+
+def _cases():
+    if not ON_GPU:
+        return [pytest.param(TINY_HEAD, rows, provider, id=f"{TINY_HEAD.name}-rows{rows}-{provider}")
+                for rows in (8, 64) for provider in PROVIDER_ORDER]
+    cases = []
+    for spec in RELEASED_HEADS:
+        for rows in GPU_ROWS:
+            marks = () if rows in QUICK_ROWS else (pytest.mark.bench_extended,)
+            for provider in PROVIDER_ORDER:
+                cases.append(pytest.param(spec, rows, provider, marks=marks, id=f"{spec.name}-rows{rows}-{provider}"))
+    return cases
+
+
+def _reference_head(bench, spec):
+    key = ("head", spec)
+    if key not in bench.cache:
+        dtype = torch.bfloat16 if bench.on_gpu else torch.float32
+        bench.cache[key] = build_head(spec, bench.device, dtype, backend="torch")
+    return bench.cache[key]
+
+
+def _compiled_net(bench, spec):
+    key = ("compiled_net", spec)
+    if key not in bench.cache:
+        bench.cache[key] = torch.compile(_reference_head(bench, spec).net, dynamic=True)
+    return bench.cache[key]
+
+
+def _fused_head(bench, spec):
+    """(head, None) with the fused backend, or (None, skip reason)."""
+    key = ("fused_head", spec)
+    if key not in bench.cache:
+        reference = _reference_head(bench, spec)
+        dtype = reference.net.input_proj.weight.dtype
+        try:
+            head = build_head(spec, bench.device, dtype, backend="triton", state_dict=reference.state_dict())
+        except (ValueError, NotImplementedError, ImportError) as error:
+            bench.cache[key] = (None, f"DiffLoss(backend='triton') cannot be built: {type(error).__name__}: {error}")
+        else:
+            reason = fused_head_absence(head, spec.z_channels, bench.device, dtype, CFG)
+            bench.cache[key] = (None, reason) if reason else (head, None)
+    return bench.cache[key]
+
+
+def _sample_with_net(head, net, z, cfg):
+    """`head.sample(z, 1.0, cfg)` with `net` (e.g. a compiled copy) in the reference loop."""
+    rows = z.shape[0]
+    state_dtype = torch.promote_types(z.dtype, torch.float32)
+    x = torch.randn(rows // 2, head.in_channels, device=z.device, dtype=state_dtype)
+    x = torch.cat([x, x])
+
+    def draw_noise(step):
+        return torch.randn(rows, head.in_channels, device=z.device, dtype=state_dtype)
+
+    return ddpm_sample_loop_reference(net, head.gen_diffusion, z, x, 1.0, cfg, draw_noise)
+
+
+@pytest.mark.parametrize("spec, rows, provider", _cases())
+@torch.no_grad()
+def test_head_sample(benchmark, bench, spec, rows, provider):
+    reference = _reference_head(bench, spec)
+    dtype = reference.net.input_proj.weight.dtype
+    z = torch.randn(rows, spec.z_channels, device=bench.device, dtype=dtype,
+                    generator=torch.Generator(device=bench.device).manual_seed(rows))
+
+    def reference_call():
+        return reference.sample(z, temperature=1.0, cfg=CFG)
+
+    if provider == REFERENCE:
+        fn, detail = reference_call, "DiffLoss(backend='torch').sample: eager loop, net called once per DDPM step"
+    elif provider == COMPILE:
+        if not bench.on_gpu:
+            pytest.skip("torch.compile is timed on CUDA only (inductor's CPU compile would exceed the CI budget)")
+        compiled = _compiled_net(bench, spec)
+        fn = lambda: _sample_with_net(reference, compiled, z, CFG)  # noqa: E731
+        detail = "ddpm_sample_loop_reference with torch.compile(net, dynamic=True), default mode"
+    else:
+        if not bench.on_gpu:
+            pytest.skip("the fused path is timed on CUDA only (the Triton CPU interpreter is a correctness tool)")
+        fused, reason = _fused_head(bench, spec)
+        if fused is None:
+            pytest.skip(reason)
+        fn, detail = (lambda: fused.sample(z, temperature=1.0, cfg=CFG)), "DiffLoss(backend='triton').sample"
+
+    weight_bytes = torch.finfo(dtype).bits // 8
+    flops, bytes_min = head_sampling_work(reference.net, rows, DDPM_STEPS, weight_bytes)
+    work = Work(flops=flops, bytes_min=bytes_min, items=rows * DDPM_STEPS, unit="rows*steps/s",
+                other_items={"tokens/s": rows // 2})
+    params = {"head": spec.name, "depth": spec.depth, "width": spec.width, "z_channels": spec.z_channels,
+              "channels": spec.channels, "rows": rows, "tokens": rows // 2, "ddpm_steps": DDPM_STEPS,
+              "cfg": CFG, "weight_dtype": str(dtype).replace("torch.", ""), "state_dtype": "float32"}
+    bench.run_case(benchmark, case="head_sample", case_key=f"head_sample/{spec.name}/rows={rows}",
+                   provider=provider, provider_detail=detail, fn=fn, work=work, params=params,
+                   reference_fn=reference_call, check_output=require_finite_tokens(rows, spec.channels),
+                   notes=["rows = denoiser rows per DDPM step (CFG: half conditional, half unconditional)",
+                          "first_call_s includes compilation / CUDA-graph capture where the provider has any"])

@@ -1,0 +1,235 @@
+"""Full MAR sampling (`sample_tokens`): images per second, fraction of the roofline, head/transformer split.
+
+GPU: mar_base, mar_large and mar_huge with their released heads (6x1024, 8x1280, 12x1536), batch 1,
+16 and 256, 64 and 256 AR steps, 100 DDPM steps, CFG on (released scales, linear schedule),
+bf16 autocast over fp32 weights (as the official evaluation runs). Random weights: the cost does
+not depend on their values. CPU: a tiny MAR (16 tokens, 1+1 blocks, 2x64 head, 10 DDPM steps) at
+batch 1 and 4, 4 and 8 AR steps, fp32.
+
+Every timed call is one complete `sample_tokens` run: nothing is extrapolated. Cases that would
+not fit the session budget (--bench-budget-s) are skipped with their estimated cost; run them in
+calls of their own with -k (e.g. -k "mar_huge and iters256").
+
+Providers, side by side in one run (reference first):
+- reference_eager: `MAR.sample_tokens`, the reference loop, with the reference head (backend "torch");
+- marfast_fused_head: the same reference loop with the fused head (`DiffLoss` backend "triton"),
+  skipped when the fused sampling path is not present;
+- marfast_fused: the fast sampling loop (`MAR.sample_tokens_fast` or `marfast.sampler.sample_tokens_fast`)
+  with the head backend "auto", skipped when no fast loop exists.
+"""
+import contextlib
+import time
+
+import pytest
+import torch
+
+from marfast import MAR, mar_base, mar_huge, mar_large
+
+from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
+from .models import (DDPM_STEPS, RELEASED_CFG, TINY_MAR_CONFIG, fused_head_absence, randomize_,
+                     resolve_fast_sampler)
+
+FUSED_HEAD = "marfast_fused_head"
+PROVIDERS = (REFERENCE, FUSED_HEAD, FUSED)
+ON_GPU = torch.cuda.is_available()
+
+GPU_MODELS = {
+    "mar_base": (mar_base, dict(diffloss_d=6, diffloss_w=1024)),
+    "mar_large": (mar_large, dict(diffloss_d=8, diffloss_w=1280)),
+    "mar_huge": (mar_huge, dict(diffloss_d=12, diffloss_w=1536)),
+}
+GPU_BATCHES = (1, 16, 256)
+GPU_ITERS = (64, 256)
+QUICK = {("mar_base", 1, 64), ("mar_base", 256, 64)}
+CPU_BATCHES = (1, 4)
+CPU_ITERS = (4, 8)
+# Rough per-op launch cost of the eager reference on a GPU, used only to budget the run.
+EAGER_OP_S = 8e-6
+
+
+def _cases():
+    if not ON_GPU:
+        return [pytest.param("tiny_mar", batch, iters, provider, id=f"tiny_mar-b{batch}-iters{iters}-{provider}")
+                for iters in CPU_ITERS for batch in CPU_BATCHES for provider in PROVIDERS]
+    cases = []
+    for iters in GPU_ITERS:
+        for name in GPU_MODELS:
+            for batch in GPU_BATCHES:
+                marks = () if (name, batch, iters) in QUICK else (pytest.mark.bench_extended,)
+                for provider in PROVIDERS:
+                    cases.append(pytest.param(name, batch, iters, provider, marks=marks,
+                                              id=f"{name}-b{batch}-iters{iters}-{provider}"))
+    return cases
+
+
+def _model(bench, name):
+    """The MAR model `name` (one held at a time), eval mode, random weights, on the bench device."""
+    held = bench.cache.get("mar")
+    if held is not None and held[0] == name:
+        return held[1]
+    bench.cache.pop("mar", None)
+    if bench.on_gpu:
+        torch.cuda.empty_cache()
+    with torch.device(bench.device):
+        if name == "tiny_mar":
+            model = MAR(**TINY_MAR_CONFIG)
+        else:
+            builder, head = GPU_MODELS[name]
+            model = builder(**head, num_sampling_steps=str(DDPM_STEPS))
+    randomize_(model.diffloss, seed=len(name))
+    model.eval()
+    bench.cache["mar"] = (name, model)
+    return model
+
+
+class HeadTimer:
+    """Times every `model.diffloss.sample` call of a sampling run (CUDA events / perf_counter).
+
+    `wrap(fn)` returns fn instrumented: each call of the wrapped fn keeps its own list of head
+    intervals. Calls made while a CUDA graph is being captured are not timed and invalidate the split.
+    """
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.calls = []
+
+    def wrap(self, fn):
+        def run():
+            head = self.model.diffloss
+            original = head.sample
+            intervals = []
+            record = {"intervals": intervals, "captured": False}
+
+            def timed_sample(*args, **kwargs):
+                if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    record["captured"] = True
+                    return original(*args, **kwargs)
+                if self.device.type == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    result = original(*args, **kwargs)
+                    end.record()
+                    intervals.append((start, end))
+                else:
+                    begin = time.perf_counter()
+                    result = original(*args, **kwargs)
+                    intervals.append(time.perf_counter() - begin)
+                return result
+
+            head.sample = timed_sample
+            try:
+                return fn()
+            finally:
+                del head.sample
+                self.calls.append(record)
+        return run
+
+    def split(self, last_calls, totals_s, num_iter):
+        """Head seconds per call and its share, over the last `last_calls` calls (the timed rounds)."""
+        records = self.calls[-last_calls:]
+        if any(r["captured"] for r in records):
+            return {"measured": False, "why": "the head ran inside a CUDA-graph capture"}
+        counts = {len(r["intervals"]) for r in records}
+        if counts != {num_iter}:
+            return {"measured": False,
+                    "why": f"diffloss.sample was called {sorted(counts)} times per run, expected {num_iter}"}
+        head_s = []
+        for r in records:
+            if self.device.type == "cuda":
+                head_s.append(sum(start.elapsed_time(end) * 1e-3 for start, end in r["intervals"]))
+            else:
+                head_s.append(sum(r["intervals"]))
+        shares = [h / t for h, t in zip(head_s, totals_s)]
+        return {"measured": True, "head_s_mean": sum(head_s) / len(head_s),
+                "head_share": sum(shares) / len(shares), "transformer_and_rest_share": 1 - sum(shares) / len(shares)}
+
+
+def _expected_reference_s(model, flops, num_iter, roofline):
+    """Rough cost of the eager reference on a GPU (budgeting only): launches plus arithmetic at 35% of peak."""
+    head_ops = 12 * model.diffloss.net.num_res_blocks + 40
+    transformer_ops = 15 * (len(model.encoder_blocks) + len(model.decoder_blocks))
+    launches_s = num_iter * (model.diffloss.num_sampling_steps * head_ops + transformer_ops) * EAGER_OP_S
+    return launches_s + flops / (0.35 * roofline.matmul_tflops * 1e12)
+
+
+@pytest.mark.parametrize("name, batch, num_iter, provider", _cases())
+@torch.no_grad()
+def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
+    model = _model(bench, name)
+    cfg = RELEASED_CFG.get(name, 3.0)
+    labels = torch.arange(batch, device=bench.device) % model.num_classes
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bench.on_gpu else contextlib.nullcontext()
+
+    if provider == REFERENCE:
+        model.diffloss.backend = "torch"
+        sampler, detail = model.sample_tokens, "MAR.sample_tokens (reference loop), reference head"
+    elif provider == FUSED_HEAD:
+        if not bench.on_gpu:
+            pytest.skip("the fused head is timed on CUDA only (the Triton CPU interpreter is a correctness tool)")
+        model.diffloss.backend = "triton"
+        z_dtype = torch.float32
+        with autocast:
+            reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, bench.device, z_dtype, cfg)
+        if reason:
+            pytest.skip(reason)
+        sampler, detail = model.sample_tokens, "MAR.sample_tokens (reference loop), DiffLoss backend 'triton'"
+    else:
+        fast, description = resolve_fast_sampler(model)
+        if fast is None:
+            pytest.skip(description)
+        model.diffloss.backend = "auto"
+        sampler, detail = fast, f"{description}, DiffLoss backend 'auto'"
+
+    def sample_call(bsz=batch, iters=num_iter):
+        with autocast:
+            return sampler(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz],
+                           temperature=1.0)
+
+    def reference_call():
+        backend, model.diffloss.backend = model.diffloss.backend, "torch"
+        try:
+            with autocast:
+                return model.sample_tokens(bsz=batch, num_iter=num_iter, cfg=cfg, cfg_schedule="linear",
+                                           labels=labels, temperature=1.0)
+        finally:
+            model.diffloss.backend = backend
+
+    flops_parts = mar_sampling_flops_per_image(model, num_iter, cfg_on=True)
+    weight_bytes = 2 if bench.on_gpu else 4
+    work = Work(flops=flops_parts["total"] * batch, bytes_min=mar_sampling_bytes(model, num_iter, weight_bytes),
+                items=batch, unit="images/s", other_items={"tokens/s": batch * model.seq_len})
+    params = {"model": name, "batch": batch, "num_iter": num_iter, "ddpm_steps": model.diffloss.num_sampling_steps,
+              "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0,
+              "precision": "bf16 autocast, fp32 weights" if bench.on_gpu else "fp32",
+              "head": f"{model.diffloss.net.num_res_blocks}x{model.diffloss.net.model_channels}",
+              "tflop_per_image": {part: value / 1e12 for part, value in flops_parts.items()}}
+
+    def check(latents):
+        expected = (batch, model.vae_embed_dim, model.seq_h, model.seq_w)
+        if tuple(latents.shape) != expected:
+            raise AssertionError(f"expected latents {expected}, got {tuple(latents.shape)}")
+        if not torch.isfinite(latents).all():
+            raise AssertionError("the sampled latents contain NaN or inf")
+
+    warmup_calls, expected_s, notes = None, None, ["every timed call is a complete sample_tokens run"]
+    if bench.on_gpu:
+        reference_s = bench.medians.get((f"mar_sample/{name}/b{batch}/iters{num_iter}", REFERENCE))
+        expected_ref = _expected_reference_s(model, work.flops, num_iter, bench.roofline)
+        if provider == REFERENCE:
+            bench.budget.require(expected_ref, f"{name} b{batch} iters{num_iter} [{provider}]")
+            bench.measure(lambda: sample_call(min(batch, 2), 2))
+            warmup_calls, expected_s = 0, expected_ref
+            notes.append("warm-up: one 2-AR-step call at batch <= 2 (the eager reference has nothing to compile)")
+        else:
+            warmup_calls, expected_s = 1, reference_s or expected_ref
+            notes.append("warm-up: one complete call (compilation, CUDA-graph capture)")
+
+    timer = HeadTimer(model, bench.device)
+    info = bench.run_case(benchmark, case="mar_sample", case_key=f"mar_sample/{name}/b{batch}/iters{num_iter}",
+                          provider=provider, provider_detail=detail, fn=timer.wrap(sample_call), work=work,
+                          params=params, reference_fn=reference_call, warmup_calls=warmup_calls,
+                          expected_s=expected_s, target_s=(3 if bench.on_gpu else 1) * bench.target_s,
+                          check_output=check, notes=notes)
+    benchmark.extra_info["time_split"] = timer.split(info["rounds"], bench.last_samples_s, num_iter)
+    attention = getattr(model.encoder_blocks[0].attn, "last_backend", None)
+    benchmark.extra_info["attention_backend"] = attention if attention is not None else "not reported by the model"
