@@ -11,32 +11,47 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from .attention import active_backend as active_attention_backend
+from .attention import requested_backend as requested_attention_backend
+from .attention import run_attention
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
 
 CFG_SCHEDULES = ("linear", "constant")
 
 
 class Attention(nn.Module):
-    """Bidirectional multi-head self-attention with a fused qkv projection: [B, N, D] -> [B, N, D]."""
+    """Bidirectional multi-head self-attention with a fused qkv projection: [B, N, D] -> [B, N, D].
+
+    The attention itself runs on the backend `marfast.attention` picks per call (FlashAttention,
+    PyTorch's flash SDPA or the math path; MARFAST_ATTENTION forces one); `last_backend` names
+    the one the latest call used. Attention dropout applies in training mode only.
+    """
 
     def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embedding dim {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.last_backend = None
+
+    def extra_repr(self):
+        return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"attention={requested_attention_backend()}, last_backend={self.last_backend}")
 
     def forward(self, x):
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).unbind(2)
+        dropout_p = self.attn_drop if self.training else 0.0
+        self.last_backend = active_attention_backend(q.device, q.dtype, self.head_dim, dropout_p)
+        x = run_attention(self.last_backend, q, k, v, dropout_p)
+        return self.proj_drop(self.proj(x.reshape(b, n, d)))
 
 
 class Mlp(nn.Module):
@@ -220,21 +235,37 @@ class MAR(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     # transformer
-    def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
-        """Tokens [B, L, Ct], mask [B, L] (1 = masked, same count per row), class emb [B, D]
-        -> encoded buffer and unmasked positions [B, buffer + known, D]."""
+    def embed_encoder_inputs(self, x, class_embedding, generator=None):
+        """Tokens [B, L, Ct], class emb [B, D] -> normalised encoder inputs of the buffer and of
+        every position [B, buffer + L, D] (in training the class embedding is replaced by the
+        fake latent with probability label_drop_prob)."""
         x = self.z_proj(x)
         bsz, _, embed_dim = x.shape
         x = torch.cat([x.new_zeros(bsz, self.buffer_size, embed_dim), x], dim=1)
-        mask_with_buffer = torch.cat([mask.new_zeros(bsz, self.buffer_size), mask], dim=1)
         if self.training:
             drop = (torch.rand(bsz, generator=generator, device=x.device) < self.label_drop_prob).unsqueeze(-1).to(x.dtype)
             class_embedding = drop * self.fake_latent + (1 - drop) * class_embedding
         x[:, : self.buffer_size] = class_embedding.unsqueeze(1).to(x.dtype)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned)
+        return self.z_proj_ln(x + self.encoder_pos_embed_learned)
+
+    def run_encoder(self, x):
+        """Kept encoder inputs [B, buffer + known, D] -> encoder blocks and norm, same shape."""
+        return self.encoder_norm(self._run_blocks(self.encoder_blocks, x))
+
+    def run_decoder(self, x_after_pad):
+        """Decoder inputs of the buffer and every position [B, buffer + L, Dd] -> z [B, L, Dd]."""
+        x = self._run_blocks(self.decoder_blocks, x_after_pad + self.decoder_pos_embed_learned)
+        x = self.decoder_norm(x)[:, self.buffer_size:]
+        return x + self.diffusion_pos_embed_learned
+
+    def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
+        """Tokens [B, L, Ct], mask [B, L] (1 = masked, same count per row), class emb [B, D]
+        -> encoded buffer and unmasked positions [B, buffer + known, D]."""
+        x = self.embed_encoder_inputs(x, class_embedding, generator)
+        bsz, _, embed_dim = x.shape
+        mask_with_buffer = torch.cat([mask.new_zeros(bsz, self.buffer_size), mask], dim=1)
         x = x[(1 - mask_with_buffer).nonzero(as_tuple=True)].reshape(bsz, -1, embed_dim)
-        x = self._run_blocks(self.encoder_blocks, x)
-        return self.encoder_norm(x)
+        return self.run_encoder(x)
 
     def forward_mae_decoder(self, x, mask):
         """Encoder output [B, buffer + known, D], mask [B, L] -> conditions z [B, L, Dd]."""
@@ -242,9 +273,7 @@ class MAR(nn.Module):
         mask_with_buffer = torch.cat([mask.new_zeros(x.size(0), self.buffer_size), mask], dim=1)
         x_after_pad = self.mask_token.to(x.dtype).repeat(mask_with_buffer.shape[0], mask_with_buffer.shape[1], 1)
         x_after_pad[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
-        x = self._run_blocks(self.decoder_blocks, x_after_pad + self.decoder_pos_embed_learned)
-        x = self.decoder_norm(x)[:, self.buffer_size:]
-        return x + self.diffusion_pos_embed_learned
+        return self.run_decoder(x_after_pad)
 
     def _run_blocks(self, blocks, x):
         for blk in blocks:
@@ -351,6 +380,15 @@ class MAR(nn.Module):
             tokens = cur_tokens
         return self.unpatchify(tokens)
 
+    def sample_tokens_fast(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                           progress=False, *, generator=None):
+        """`sample_tokens` with no host synchronisation inside the AR loop (marfast.sampler): same
+        arguments and, for the same generator, the same latents [bsz, C, H, W]."""
+        from .sampler import sample_tokens_fast
+
+        return sample_tokens_fast(self, bsz, num_iter, cfg, cfg_schedule, labels, temperature, progress,
+                                  generator=generator)
+
     def sample(self, labels, num_iter=64, cfg=1.0, cfg_schedule="linear", temperature=1.0, *, seed=None,
                generator=None, progress=True):
         """Generate one image per label (long [B], or a list of ints; None entries are not allowed).
@@ -368,8 +406,8 @@ class MAR(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            latents = self.sample_tokens(labels.shape[0], num_iter, cfg, cfg_schedule, labels.to(self.device),
-                                         temperature, progress, generator=generator)
+            latents = self.sample_tokens_fast(labels.shape[0], num_iter, cfg, cfg_schedule, labels.to(self.device),
+                                              temperature, progress, generator=generator)
         finally:
             self.train(was_training)
         return self.tokenizer.decode(latents) if self.tokenizer is not None else latents

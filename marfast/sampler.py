@@ -1,0 +1,171 @@
+"""Sync-free MAR sampling loop: the same latents as `MAR.sample_tokens`, with no host
+synchronisation inside the AR loop.
+
+Every row masks the same number of positions, so the schedule (positions masked before and after
+each step, the CFG scale of each step) is computed on the host up front (`plan_steps`). Inside the
+loop, the known and to-predict positions come from slices of the per-sample orders, sorted so
+that they are visited position-ascending as boolean-mask indexing would: the encoder gathers the
+buffer and known positions, the decoder scatters them into a mask-token sequence, and the
+conditions of the positions to predict are gathered batch-major and position-ascending, which is
+the row order of the reference loop. Each step's tensor shapes depend only on the step index.
+The head is called exactly as the reference loop calls it, so every random draw (orders, x_T and
+per-step noise of the diffusion head) has the same shape in the same order: for the same
+generator the result equals the reference loop's.
+"""
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from .mar import next_mask_len
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One AR step: positions with order ranks [0, masked_before) are masked when it starts; it
+    predicts ranks [predict_from, masked_before); the head runs with CFG scale `cfg_scale`."""
+
+    step: int
+    masked_before: int
+    predict_from: int
+    cfg_scale: float
+
+    @property
+    def num_predicted(self):
+        return self.masked_before - self.predict_from
+
+
+def plan_steps(model, num_iter, cfg, cfg_schedule):
+    """The host-side schedule of `MAR.sample_tokens`: a tuple of `num_iter` StepPlans."""
+    seq_len, masked_now, plans = model.seq_len, model.seq_len, []
+    for step in range(num_iter):
+        mask_len = next_mask_len(seq_len, step, num_iter, masked_now)
+        predict_from = 0 if step >= num_iter - 1 else mask_len
+        plans.append(StepPlan(step, masked_now, predict_from, model.cfg_for_step(cfg, cfg_schedule, mask_len)))
+        masked_now = mask_len
+    return tuple(plans)
+
+
+def sorted_positions(orders, start, stop):
+    """Positions of order ranks [start, stop) of each row, ascending: long [B, stop - start]."""
+    return orders[:, start:stop].sort(dim=1).values
+
+
+def conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, buffer_positions):
+    """The transformer half of one AR step (no host synchronisation, shapes fixed by `plan`).
+
+    tokens [B, L, Ct] (known positions hold sampled tokens), orders long [B, L], class_embedding
+    [B', D] (B' = 2B with CFG: conditional rows, then the fake latent), buffer_positions long
+    [buffer] (0..buffer-1). Returns the head conditions [B' * P, Dd] (with CFG the conditional
+    rows first; within each half batch-major, position-ascending) and the predicted positions
+    long [B, P], P = plan.num_predicted.
+    """
+    bsz = tokens.shape[0]
+    known = sorted_positions(orders, plan.masked_before, orders.shape[1])
+    kept = torch.cat([buffer_positions.expand(bsz, -1), known + model.buffer_size], dim=1)
+    enc_tokens = torch.cat([tokens, tokens]) if use_cfg else tokens
+    if use_cfg:
+        kept = torch.cat([kept, kept])
+    x = model.embed_encoder_inputs(enc_tokens, class_embedding)
+    x = model.run_encoder(x.gather(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1])))
+    x = model.decoder_embed(x)
+    x_after_pad = model.mask_token.to(x.dtype).repeat(x.shape[0], model.buffer_size + model.seq_len, 1)
+    x_after_pad.scatter_(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
+    z = model.run_decoder(x_after_pad)
+    predicted = sorted_positions(orders, plan.predict_from, plan.masked_before)
+    index = predicted.unsqueeze(-1).expand(-1, -1, z.shape[-1])
+    if use_cfg:
+        z = torch.cat([z[:bsz].gather(1, index), z[bsz:].gather(1, index)])
+    else:
+        z = z.gather(1, index)
+    return z.reshape(-1, z.shape[-1]), predicted
+
+
+class PhaseTimer:
+    """Total time of named phases of a loop without host synchronisation inside it.
+
+    On CUDA each phase is bracketed by CUDA events (read once, in `totals`, after a synchronise);
+    on other devices by the wall clock. Use `with timer.phase(name): ...`.
+    """
+
+    def __init__(self, device):
+        self.use_events = torch.device(device).type == "cuda"
+        self.records = {}
+
+    @contextmanager
+    def phase(self, name):
+        if self.use_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.records.setdefault(name, []).append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.records.setdefault(name, []).append(time.perf_counter() - start)
+
+    def totals(self):
+        """Seconds spent in each phase: {name: float}."""
+        if not self.use_events:
+            return {name: sum(times) for name, times in self.records.items()}
+        torch.cuda.synchronize()
+        return {name: sum(s.elapsed_time(e) for s, e in pairs) / 1e3 for name, pairs in self.records.items()}
+
+
+@contextmanager
+def _untimed(name):
+    yield
+
+
+@torch.no_grad()
+def run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, *, generator=None, progress=False,
+                timer=None):
+    """The AR loop; fills `tokens` [B, L, Ct] in place with no host synchronisation.
+
+    orders long [B, L]; class_embedding [B', D] (B' = 2B with CFG: conditional rows, then the
+    fake latent); plans from `plan_steps`; temperature a float. timer: optional PhaseTimer that
+    receives the phases "transformer" (encoder and decoder with their gathers and scatters) and
+    "head" (the diffusion head's sampling and the token write) of every step.
+    """
+    bsz = tokens.shape[0]
+    if class_embedding.shape[0] not in (bsz, 2 * bsz):
+        raise ValueError(f"class_embedding must have {bsz} rows (no CFG) or {2 * bsz} (CFG), got {class_embedding.shape[0]}")
+    use_cfg = class_embedding.shape[0] == 2 * bsz
+    buffer_positions = torch.arange(model.buffer_size, device=tokens.device)
+    phase = timer.phase if timer is not None else _untimed
+    for plan in tqdm(plans, desc="MAR steps", leave=False) if progress else plans:
+        with phase("transformer"):
+            z, predicted = conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, buffer_positions)
+        with phase("head"):
+            sampled = model.diffloss.sample(z, temperature, plan.cfg_scale, generator=generator, clip_x0=model.sample_clip)
+            if use_cfg:
+                sampled = sampled[: sampled.shape[0] // 2]
+            sampled = sampled.reshape(bsz, plan.num_predicted, tokens.shape[-1]).to(tokens.dtype)
+            tokens.scatter_(1, predicted.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), sampled)
+    return tokens
+
+
+@torch.no_grad()
+def sample_tokens_fast(model, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
+                       progress=False, *, generator=None, timer=None):
+    """`MAR.sample_tokens` without host synchronisation in the AR loop: latents [bsz, C, H, W].
+
+    Same arguments and, for the same generator, the same result as the reference loop (the
+    argument checks before the loop may synchronise). timer: see `run_ar_loop`.
+    """
+    cfg, temperature = model.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
+    if labels is not None:
+        model.check_labels(labels, bsz)
+        labels = labels.to(model.device)
+    plans = plan_steps(model, num_iter, cfg, cfg_schedule)
+    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
+    orders = model.sample_orders(bsz, generator)
+    class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
+    if cfg != 1.0:
+        class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+    run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, generator=generator, progress=progress,
+                timer=timer)
+    return model.unpatchify(tokens)

@@ -1,0 +1,243 @@
+"""The sync-free sampling loop (marfast.sampler) against the reference loop `MAR.sample_tokens`."""
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from marfast.mar import mask_by_order, next_mask_len
+from marfast.sampler import PhaseTimer, conditions_for_step, plan_steps, run_ar_loop, sample_tokens_fast
+
+from helpers import tiny_mar
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def random_tiny_mar(seed=0, device="cpu", **overrides):
+    """A tiny MAR (16 tokens) with every weight perturbed, so every position and condition matters
+    (the official init zeroes the head's output layer, which would make z irrelevant)."""
+    torch.manual_seed(seed)
+    model = tiny_mar(**overrides).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, device=device))
+    return model
+
+
+def both_loops(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, seed):
+    kwargs = dict(num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule, labels=labels, temperature=temperature)
+    reference = model.sample_tokens(bsz, generator=torch.Generator(model.device).manual_seed(seed), **kwargs)
+    fast = model.sample_tokens_fast(bsz, generator=torch.Generator(model.device).manual_seed(seed), **kwargs)
+    return reference, fast
+
+
+CASES = [  # num_iter, cfg, cfg_schedule, conditional, temperature, sample_clip
+    (1, 1.0, "linear", True, 1.0, None),
+    (1, 2.0, "constant", True, 1.0, None),
+    (3, 1.0, "linear", False, 0.9, None),
+    (3, 2.5, "linear", True, 1.0, None),
+    (3, 4.0, "constant", False, 0.0, None),
+    (5, 1.5, "linear", True, 1.0, (-3.0, 3.0)),
+    (16, 1.0, "constant", True, 1.0, None),
+    (16, 3.0, "linear", True, 1.1, None),
+]
+
+
+@pytest.mark.parametrize("num_iter, cfg, cfg_schedule, conditional, temperature, sample_clip", CASES)
+def test_fast_loop_equals_reference_loop(num_iter, cfg, cfg_schedule, conditional, temperature, sample_clip):
+    model = random_tiny_mar(seed=num_iter, sample_clip=sample_clip)
+    labels = torch.tensor([3, 0, 7]) if conditional else None
+    reference, fast = both_loops(model, 3, num_iter, cfg, cfg_schedule, labels, temperature, seed=11 * num_iter)
+    assert fast.shape == (3, model.vae_embed_dim, 4, 4)
+    assert torch.isfinite(reference).all()
+    assert torch.equal(fast, reference), f"max difference {(fast - reference).abs().max().item()}"
+
+
+def test_sample_uses_the_fast_loop_with_the_reference_result():
+    model = random_tiny_mar(seed=3)
+    labels = torch.tensor([1, 5])
+    reference = model.sample_tokens(2, 4, 2.0, labels=labels, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(model.sample(labels, num_iter=4, cfg=2.0, seed=9, progress=False), reference)
+
+
+def test_plan_matches_reference_schedule():
+    model = random_tiny_mar()
+    for num_iter in (1, 2, 7, 16):
+        plans = plan_steps(model, num_iter, 3.0, "linear")
+        masked = model.seq_len
+        for step, plan in enumerate(plans):
+            mask_len = next_mask_len(model.seq_len, step, num_iter, masked)
+            assert plan.masked_before == masked
+            assert plan.predict_from == (0 if step == num_iter - 1 else mask_len)
+            assert plan.cfg_scale == model.cfg_for_step(3.0, "linear", mask_len)
+            masked = mask_len
+        assert sum(plan.num_predicted for plan in plans) == model.seq_len
+
+
+@pytest.mark.parametrize("use_cfg", [False, True])
+def test_step_conditions_equal_reference_encoder_decoder(use_cfg):
+    """Mid-sampling state: the gathered conditions are the reference's z rows of the positions
+    that leave the mask, batch-major and position-ascending."""
+    model = random_tiny_mar(seed=4)
+    bsz, num_iter, step = 3, 4, 2
+    plan = plan_steps(model, num_iter, 2.0 if use_cfg else 1.0, "linear")[step]
+    orders = model.sample_orders(bsz, torch.Generator().manual_seed(2))
+    mask = mask_by_order(plan.masked_before, orders).float()
+    tokens = torch.randn(bsz, model.seq_len, model.token_embed_dim) * (1 - mask).unsqueeze(-1)
+    class_embedding = model.class_emb(torch.tensor([1, 2, 3]))
+    enc_tokens, enc_mask = tokens, mask
+    if use_cfg:
+        class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+        enc_tokens, enc_mask = torch.cat([tokens, tokens]), torch.cat([mask, mask])
+    with torch.no_grad():
+        z_all = model.forward_mae_decoder(model.forward_mae_encoder(enc_tokens, enc_mask, class_embedding), enc_mask)
+        to_predict = torch.logical_xor(mask.bool(), mask_by_order(plan.predict_from, orders))
+        expected = torch.cat([z_all[:bsz][to_predict], z_all[bsz:][to_predict]]) if use_cfg else z_all[to_predict]
+        z, predicted = conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg,
+                                           torch.arange(model.buffer_size))
+    assert torch.equal(z, expected)
+    assert torch.equal(predicted, to_predict.nonzero()[:, 1].reshape(bsz, -1))
+
+
+SYNC_PRONE_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "masked_scatter", "item", "_unique2",
+                  "unique_consecutive", "unique_dim"}
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records (op name, input shapes) and flags ops that synchronise with the host on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.sync_prone = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.ops.append((name, tuple(tuple(t.shape) for t in tensors)))
+        bool_index = name.startswith("index") and any(t.dtype in (torch.bool, torch.uint8) for t in tensors[1:])
+        if name in SYNC_PRONE_OPS or bool_index:
+            self.sync_prone.append(name)
+        return func(*args, **kwargs)
+
+
+def record_fast_loop(model, seed, labels, num_iter=3, cfg=2.5):
+    """Ops of the AR loop alone (the label checks before it synchronise, by design)."""
+    bsz = labels.shape[0]
+    orders = model.sample_orders(bsz, torch.Generator().manual_seed(seed))
+    class_embedding = torch.cat([model.class_emb(labels), model.fake_latent.repeat(bsz, 1)])
+    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim)
+    recorder = OpRecorder()
+    with recorder:
+        run_ar_loop(model, tokens, orders, class_embedding, plan_steps(model, num_iter, cfg, "linear"), 1.0,
+                    generator=torch.Generator().manual_seed(seed))
+    return recorder
+
+
+def test_fast_loop_has_no_sync_prone_ops_and_seed_independent_shapes():
+    model = random_tiny_mar(seed=5)
+    record_fast_loop(model, 0, torch.tensor([1, 1]))  # warm-up: the head caches its tables on first use
+    first = record_fast_loop(model, 1, torch.tensor([2, 4]))
+    second = record_fast_loop(model, 2, torch.tensor([9, 0]))
+    assert first.sync_prone == []
+    assert len(first.ops) > 100
+    assert first.ops == second.ops  # the op sequence and every shape depend only on the step
+    reference = OpRecorder()
+    with reference:
+        model.sample_tokens(2, 2, 2.5, generator=torch.Generator().manual_seed(1))
+    assert "nonzero" in reference.sync_prone  # the recorder does see the reference loop's syncs
+
+
+def test_phase_timer_splits_transformer_and_head():
+    model = random_tiny_mar(seed=6)
+    timer = PhaseTimer("cpu")
+    reference = model.sample_tokens(2, 3, 2.0, generator=torch.Generator().manual_seed(1))
+    fast = sample_tokens_fast(model, 2, 3, 2.0, generator=torch.Generator().manual_seed(1), timer=timer)
+    assert torch.equal(fast, reference)
+    assert set(timer.records) == {"transformer", "head"}
+    assert all(len(times) == 3 for times in timer.records.values())
+    assert all(total > 0 for total in timer.totals().values())
+
+
+def test_bad_arguments_raise_like_the_reference():
+    model = random_tiny_mar()
+    with pytest.raises(ValueError, match="num_iter"):
+        model.sample_tokens_fast(2, num_iter=model.seq_len + 1)
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        model.sample_tokens_fast(2, num_iter=2, cfg_schedule="cosine")
+    with pytest.raises(ValueError, match="expected 2 labels"):
+        model.sample_tokens_fast(2, num_iter=2, labels=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="class_embedding"):
+        run_ar_loop(model, torch.zeros(2, model.seq_len, model.token_embed_dim), model.sample_orders(2),
+                    model.fake_latent.repeat(3, 1), plan_steps(model, 2, 1.0, "linear"), 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: equality on CUDA (fp32 and bf16 autocast) and no host synchronisation inside the loop
+
+
+def gpu_model_and_state(bsz=4, num_iter=8, cfg=3.0, seed=0):
+    model = random_tiny_mar(seed=seed, device="cuda", encoder_embed_dim=128, encoder_num_heads=2,
+                            decoder_embed_dim=128, decoder_num_heads=2)
+    labels = torch.arange(bsz, device="cuda") % model.num_classes
+    return model, labels
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_gpu_fast_loop_equals_reference_loop(autocast, cfg):
+    model, labels = gpu_model_and_state(cfg=cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        reference, fast = both_loops(model, 4, 8, cfg, "linear", labels, 1.0, seed=21)
+    assert torch.isfinite(reference).all()
+    assert torch.equal(fast, reference), f"max difference {(fast - reference).abs().max().item()}"
+
+
+def run_without_sync(fn):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+def test_gpu_transformer_steps_do_not_synchronise(autocast):
+    model, labels = gpu_model_and_state()
+    bsz, plans = labels.shape[0], plan_steps(model, 8, 3.0, "linear")
+    orders = model.sample_orders(bsz)
+    tokens = torch.randn(bsz, model.seq_len, model.token_embed_dim, device="cuda")
+    class_embedding = torch.cat([model.class_emb(labels), model.fake_latent.repeat(bsz, 1)])
+    buffer_positions = torch.arange(model.buffer_size, device="cuda")
+
+    def steps():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            for plan in plans:
+                conditions_for_step(model, tokens, orders, class_embedding, plan, True, buffer_positions)
+
+    steps()  # warm-up: lazy initialisation (cuBLAS handles, kernel caches) may synchronise once
+    run_without_sync(steps)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_ar_loop_with_head_does_not_synchronise():
+    """The whole AR loop, the default diffusion head included, under sync debug mode "error"."""
+    model, labels = gpu_model_and_state()
+    bsz, plans = labels.shape[0], plan_steps(model, 8, 3.0, "linear")
+    class_embedding = torch.cat([model.class_emb(labels), model.fake_latent.repeat(bsz, 1)])
+
+    def loop():
+        tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            run_ar_loop(model, tokens, model.sample_orders(bsz), class_embedding, plans, 1.0,
+                        generator=torch.Generator("cuda").manual_seed(0))
+
+    loop()
+    run_without_sync(loop)
