@@ -16,8 +16,9 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "nvidia-ml-py", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "nvidia-ml-py", "scikit-learn", "huggingface_hub"],
         "flash": ["flash-attn>=2.6.3"],
+        "hub": ["huggingface_hub"],
     },
     entry_points={"console_scripts": ["marfast=marfast.cli:main"]},
 )

@@ -2,8 +2,11 @@
 
 Supported sources for `load_model`: a directory written by `save_pretrained` (config.json +
 model.safetensors), an official training checkpoint (`.pth` with `model` / `model_ema`, loaded
-with weights_only=True), a flat safetensors state dict with official key names, and the name of
-a model shipped inside the package (`"digits"`).
+with weights_only=True), a flat safetensors state dict with official key names, the name of a
+model shipped inside the package (`"digits"`), and the names of the public Hugging Face port
+(`"mar-base"`, `"mar-large"`, `"mar-huge"`, and `"kl16"` for the VAE), downloaded once through
+huggingface_hub and cached. The port's safetensors are reported (by a third-party audit) to hold
+the non-EMA weights; the official `checkpoint-last.pth` has both.
 """
 import argparse
 import json
@@ -13,11 +16,17 @@ import re
 import tempfile
 from pathlib import Path
 
+import warnings
+
 import torch
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PACKAGED_MODELS_DIR = Path(__file__).parent / "weights"
+
+HUB_REPO = "jadechoghari/mar"
+HUB_FILES = {"mar-base": "mar-base.safetensors", "mar-large": "mar-large.safetensors",
+             "mar-huge": "mar-huge.safetensors", "kl16": "kl16.safetensors"}
 
 # Heads per width of the official presets (the tensors do not record the head count).
 HEADS_BY_WIDTH = {768: 12, 1024: 16, 1280: 16}
@@ -177,8 +186,52 @@ def _build(config, state_dict, device, dtype):
     return model.eval()
 
 
-def load_model(source, ema=True, device=None, dtype=None):
-    """Build a MAR from `source` (see module docstring); returns it in eval mode."""
+def resolve_hub_file(name, revision=None, repo=HUB_REPO):
+    """Local path of a hub model file (downloaded once, then read from the cache).
+
+    `repo` may be a local directory standing in for the hub (it must hold the file).
+    """
+    filename = HUB_FILES[name]
+    if Path(repo).is_dir():
+        path = Path(repo) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{repo} holds no {filename}")
+        return path
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+    except ImportError as err:
+        raise ImportError(f"loading {name!r} by name needs huggingface_hub: pip install 'marfast[hub]'") from err
+    try:
+        return Path(hf_hub_download(repo_id=repo, filename=filename, revision=revision))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:
+        raise FileNotFoundError(f"{filename} from {repo} (revision {revision or 'main'}) is not in the local cache and "
+                                f"cannot be downloaded (offline?): {err}") from err
+
+
+def load_model(source, vae=None, ema=True, device=None, dtype=None, revision=None, hub_repo=HUB_REPO):
+    """Build a MAR from `source` (see module docstring); returns it in eval mode.
+
+    vae: a KL-16 checkpoint path (`kl16.ckpt` / `kl16.safetensors`) or "kl16" (hub); when given,
+    `sample` returns uint8 images (the VAE runs in bf16 on CUDA, float32 elsewhere).
+    """
+    model = _load_mar(source, ema, device, dtype, revision, hub_repo)
+    if vae is not None:
+        from .vae import VAEImageDecoder, load_vae
+
+        if str(vae) == "kl16" and not Path(vae).exists():
+            vae = resolve_hub_file("kl16", revision, hub_repo)
+        vae_dtype = torch.bfloat16 if model.device.type == "cuda" else torch.float32
+        model.tokenizer = VAEImageDecoder(load_vae(vae, device=model.device, dtype=vae_dtype))
+    return model
+
+
+def _load_mar(source, ema, device, dtype, revision, hub_repo):
+    if str(source) in HUB_FILES and str(source) != "kl16" and not Path(source).exists():
+        if ema:
+            warnings.warn(f"{source!r} comes from the public safetensors port, reported to hold the non-EMA weights; "
+                          "use the official checkpoint-last.pth for the EMA weights", stacklevel=3)
+        source = resolve_hub_file(str(source), revision, hub_repo)
     path = Path(source)
     if not path.exists() and (PACKAGED_MODELS_DIR / str(source)).is_dir():
         path = PACKAGED_MODELS_DIR / str(source)
@@ -198,4 +251,5 @@ def load_model(source, ema=True, device=None, dtype=None):
             state_dict = _read_official_pth(path, ema)
         return _build(infer_config(state_dict), state_dict, device, dtype)
     known = sorted(p.name for p in PACKAGED_MODELS_DIR.iterdir() if p.is_dir()) if PACKAGED_MODELS_DIR.is_dir() else []
-    raise FileNotFoundError(f"{source!r} is neither a file, a directory nor a packaged model (packaged: {known})")
+    raise FileNotFoundError(f"{source!r} is neither a file, a directory, a packaged model (packaged: {known}) "
+                            f"nor a hub model ({sorted(k for k in HUB_FILES if k != 'kl16')})")

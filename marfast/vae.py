@@ -208,6 +208,20 @@ class KLAutoencoder(nn.Module):
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+class VAEImageDecoder:
+    """Attaches a VAE to a MAR for `MAR.sample` (`decode`: latents -> uint8 [B, 3, H, W]).
+
+    A plain object, not a submodule, so the VAE's weights stay out of MAR's state dict.
+    """
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def decode(self, latents):
+        with torch.no_grad():
+            return self.vae.decode_to_uint8(latents.to(self.vae.post_quant_conv.weight.device))
+
+
 def load_vae(path, device=None, dtype=None):
     """KL-16 VAE from `kl16.ckpt` (weights under "model") or a flat `kl16.safetensors`.
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from marfast import MAR
-from marfast.checkpoint import CheckpointError, infer_config
+from marfast.checkpoint import CheckpointError, infer_config, load_model
 
 from helpers import tiny_mar
 
@@ -75,3 +75,40 @@ def test_mismatched_and_corrupt_files_fail_clearly(tmp_path):
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(CheckpointError, match="must hold config.json"):
         MAR.load(tmp_path / "emptydir")
+
+
+def test_hub_names_resolve_through_a_local_stand_in(tmp_path):
+    model = MAR(**OFFICIAL_LIKE)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(hub / "mar-base.safetensors"))
+    with pytest.warns(UserWarning, match="non-EMA"):
+        loaded = load_model("mar-base", hub_repo=str(hub))
+    assert same_weights(model, loaded)
+    with pytest.raises(FileNotFoundError, match="holds no mar-large.safetensors"):
+        load_model("mar-large", ema=False, hub_repo=str(hub))
+
+
+def test_hub_offline_and_not_cached_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(FileNotFoundError, match="not in the local cache"):
+        load_model("mar-huge", ema=False, revision="main")
+
+
+def test_vae_is_attached_for_images_but_stays_out_of_the_state_dict(tmp_path, monkeypatch):
+    import marfast.vae as vae_module
+
+    full_size = vae_module.KLAutoencoder
+    tiny = lambda: full_size(embed_dim=3, ch_mult=(1, 1, 1), ch=32, resolution=16)
+    monkeypatch.setattr(vae_module, "KLAutoencoder", tiny)
+    save_file({k: v.contiguous() for k, v in tiny().state_dict().items()}, str(tmp_path / "kl.safetensors"))
+    tiny_mar().save_pretrained(tmp_path / "m")
+    model = MAR.load(tmp_path / "m", vae=tmp_path / "kl.safetensors")
+    assert set(model.state_dict()) == set(tiny_mar().state_dict())
+    images = model.sample([1, 2], num_iter=2, seed=0, progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (2, 3, 16, 16)
