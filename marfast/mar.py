@@ -191,12 +191,14 @@ class MAR(nn.Module):
         return self.fake_latent.device
 
     @classmethod
-    def load(cls, source, ema=True, device=None, dtype=None):
+    def load(cls, source, vae=None, ema=True, device=None, dtype=None, revision=None):
         """Load a model: a save_pretrained directory, an official checkpoint (.pth, EMA weights by
-        default), a flat safetensors state dict, or a packaged model name such as "digits"."""
+        default), a flat safetensors state dict, a packaged model name such as "digits", or a hub
+        name ("mar-base", "mar-large", "mar-huge"; `revision` selects the hub revision).
+        `vae`: a KL-16 checkpoint or "kl16", so that `sample` returns images."""
         from .checkpoint import load_model
 
-        return load_model(source, ema=ema, device=device, dtype=dtype)
+        return load_model(source, vae=vae, ema=ema, device=device, dtype=dtype, revision=revision)
 
     def save_pretrained(self, directory):
         """Write config.json + model.safetensors into `directory` (atomically)."""
