@@ -12,14 +12,19 @@ The head is called exactly as the reference loop calls it, so every random draw 
 per-step noise of the diffusion head) has the same shape in the same order: for the same
 generator the result equals the reference loop's.
 """
+import os
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
+from .attention import requested_backend as requested_attention_backend
 from .mar import next_mask_len
+
+CUDA_GRAPHS_ENV_VAR = "MARFAST_CUDA_GRAPHS"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,103 @@ def conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, b
     return z.reshape(-1, z.shape[-1]), predicted
 
 
+class StepGraphs:
+    """CUDA graphs of the transformer half of the AR steps (`conditions_for_step`) for one batch
+    size, CFG setting, autocast state and set of parameter tensors.
+
+    Static input buffers `tokens` [B, L, Ct], `orders` long [B, L] and `class_embedding` [B', D]
+    are read by every replay. One graph per step shape (masked_before, predict_from) is captured
+    by `capture` (which synchronises: call it before the loop); all graphs share one memory pool,
+    which is safe in any replay order because each replay's outputs are consumed before the next
+    replay. It keeps no reference to the model (it is cached in a WeakKeyDictionary keyed by the
+    model). Autocast is re-entered with its weight-cast cache off during capture, as CUDA graphs
+    require; the casts are part of the graphs.
+    """
+
+    def __init__(self, model, bsz, use_cfg):
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, got {model.device}")
+        if model.training:
+            raise ValueError("CUDA-graph sampling needs the model in eval mode (no dropout)")
+        dev = model.device
+        self.use_cfg = use_cfg
+        self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        self.tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=dev)
+        self.orders = torch.zeros(bsz, model.seq_len, dtype=torch.long, device=dev)
+        self.class_embedding = torch.zeros(2 * bsz if use_cfg else bsz, model.fake_latent.shape[-1],
+                                           dtype=model.fake_latent.dtype, device=dev)
+        self.buffer_positions = torch.arange(model.buffer_size, device=dev)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(dev)
+        self.graphs = {}
+
+    @staticmethod
+    def step_key(plan):
+        return plan.masked_before, plan.predict_from
+
+    def load(self, tokens, orders, class_embedding):
+        """Copy the loop's starting state into the static buffers (no synchronisation)."""
+        for name, value in (("tokens", tokens), ("orders", orders), ("class_embedding", class_embedding)):
+            buffer = getattr(self, name)
+            if value.shape != buffer.shape:
+                raise ValueError(f"{name} must have shape {tuple(buffer.shape)} for these graphs, got {tuple(value.shape)}")
+            buffer.copy_(value)
+
+    def _step(self, model, plan):
+        return conditions_for_step(model, self.tokens, self.orders, self.class_embedding, plan, self.use_cfg,
+                                   self.buffer_positions)
+
+    def capture(self, model, plans):
+        """Capture the graphs of `model`'s steps in `plans` that have none yet (synchronises)."""
+        missing = {self.step_key(plan): plan for plan in plans if self.step_key(plan) not in self.graphs}
+        if not missing:
+            return
+        enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            self.stream.wait_stream(torch.cuda.current_stream())
+            if not self.graphs:  # lazy initialisation (library handles, workspaces) outside any capture
+                with torch.cuda.stream(self.stream):
+                    self._step(model, next(iter(missing.values())))
+            for key, plan in missing.items():
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                    outputs = self._step(model, plan)
+                self.graphs[key] = (graph, outputs)
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    def run(self, plan):
+        """Replay the step's graph: (conditions [B' * P, Dd], predicted positions long [B, P])."""
+        graph, outputs = self.graphs[self.step_key(plan)]
+        graph.replay()
+        return outputs
+
+
+_step_graphs = weakref.WeakKeyDictionary()
+
+
+def step_graphs_for(model, bsz, use_cfg):
+    """The StepGraphs of `model` for this batch size, CFG setting and the current autocast state and
+    attention backend request, cached on the model (one configuration at a time, so the graphs'
+    memory pool of a previous configuration is released). Parameters replaced since the capture
+    (e.g. by `.to(dtype)`) invalidate the cache."""
+    key = (bsz, use_cfg, model.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+           requested_attention_backend(), tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters()))
+    cached = _step_graphs.get(model)
+    if cached is None or cached[0] != key:
+        _step_graphs.pop(model, None)
+        cached = (key, StepGraphs(model, bsz, use_cfg))
+        _step_graphs[model] = cached
+    return cached[1]
+
+
+def cuda_graphs_requested():
+    """MARFAST_CUDA_GRAPHS=1 turns on CUDA-graph replay of the transformer steps (default off)."""
+    value = os.environ.get(CUDA_GRAPHS_ENV_VAR, "0").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"{CUDA_GRAPHS_ENV_VAR} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 class PhaseTimer:
     """Total time of named phases of a loop without host synchronisation inside it.
 
@@ -122,50 +224,69 @@ def _untimed(name):
 
 @torch.no_grad()
 def run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, *, generator=None, progress=False,
-                timer=None):
+                timer=None, graphs=None):
     """The AR loop; fills `tokens` [B, L, Ct] in place with no host synchronisation.
 
     orders long [B, L]; class_embedding [B', D] (B' = 2B with CFG: conditional rows, then the
     fake latent); plans from `plan_steps`; temperature a float. timer: optional PhaseTimer that
     receives the phases "transformer" (encoder and decoder with their gathers and scatters) and
-    "head" (the diffusion head's sampling and the token write) of every step.
+    "head" (the diffusion head's sampling and the token write) of every step. graphs: optional
+    StepGraphs; the transformer steps are then replayed CUDA graphs (any missing graph is captured
+    before the loop, which synchronises).
     """
     bsz = tokens.shape[0]
     if class_embedding.shape[0] not in (bsz, 2 * bsz):
         raise ValueError(f"class_embedding must have {bsz} rows (no CFG) or {2 * bsz} (CFG), got {class_embedding.shape[0]}")
     use_cfg = class_embedding.shape[0] == 2 * bsz
-    buffer_positions = torch.arange(model.buffer_size, device=tokens.device)
+    if graphs is None:
+        work_tokens, buffer_positions = tokens, torch.arange(model.buffer_size, device=tokens.device)
+
+        def conditions(plan):
+            return conditions_for_step(model, work_tokens, orders, class_embedding, plan, use_cfg, buffer_positions)
+    else:
+        if graphs.use_cfg != use_cfg:
+            raise ValueError("the graphs were captured for a different CFG setting")
+        graphs.load(tokens, orders, class_embedding)
+        graphs.capture(model, plans)
+        work_tokens, conditions = graphs.tokens, graphs.run
     phase = timer.phase if timer is not None else _untimed
     for plan in tqdm(plans, desc="MAR steps", leave=False) if progress else plans:
         with phase("transformer"):
-            z, predicted = conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, buffer_positions)
+            z, predicted = conditions(plan)
         with phase("head"):
             sampled = model.diffloss.sample(z, temperature, plan.cfg_scale, generator=generator, clip_x0=model.sample_clip)
             if use_cfg:
                 sampled = sampled[: sampled.shape[0] // 2]
             sampled = sampled.reshape(bsz, plan.num_predicted, tokens.shape[-1]).to(tokens.dtype)
-            tokens.scatter_(1, predicted.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), sampled)
+            work_tokens.scatter_(1, predicted.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), sampled)
+    if work_tokens is not tokens:
+        tokens.copy_(work_tokens)
     return tokens
 
 
 @torch.no_grad()
 def sample_tokens_fast(model, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
-                       progress=False, *, generator=None, timer=None):
+                       progress=False, *, generator=None, timer=None, cuda_graphs=None):
     """`MAR.sample_tokens` without host synchronisation in the AR loop: latents [bsz, C, H, W].
 
     Same arguments and, for the same generator, the same result as the reference loop (the
-    argument checks before the loop may synchronise). timer: see `run_ar_loop`.
+    argument checks before the loop may synchronise). timer: see `run_ar_loop`. cuda_graphs:
+    replay the transformer steps as CUDA graphs (cached per model and configuration; needs CUDA
+    and eval mode); None reads MARFAST_CUDA_GRAPHS (default off).
     """
     cfg, temperature = model.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
     if labels is not None:
         model.check_labels(labels, bsz)
         labels = labels.to(model.device)
+    if cuda_graphs is None:
+        cuda_graphs = cuda_graphs_requested()
     plans = plan_steps(model, num_iter, cfg, cfg_schedule)
     tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
     orders = model.sample_orders(bsz, generator)
     class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
     if cfg != 1.0:
         class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+    graphs = step_graphs_for(model, bsz, cfg != 1.0) if cuda_graphs else None
     run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, generator=generator, progress=progress,
-                timer=timer)
+                timer=timer, graphs=graphs)
     return model.unpatchify(tokens)

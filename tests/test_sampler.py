@@ -5,7 +5,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from marfast.mar import mask_by_order, next_mask_len
-from marfast.sampler import PhaseTimer, conditions_for_step, plan_steps, run_ar_loop, sample_tokens_fast
+from marfast.sampler import (CUDA_GRAPHS_ENV_VAR, PhaseTimer, conditions_for_step, plan_steps, run_ar_loop,
+                             sample_tokens_fast, step_graphs_for)
 
 from helpers import tiny_mar
 
@@ -172,6 +173,19 @@ def test_bad_arguments_raise_like_the_reference():
                     model.fake_latent.repeat(3, 1), plan_steps(model, 2, 1.0, "linear"), 1.0)
 
 
+def test_cuda_graphs_switch(monkeypatch):
+    model = random_tiny_mar()
+    monkeypatch.setenv(CUDA_GRAPHS_ENV_VAR, "1")
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        model.sample_tokens_fast(2, num_iter=2)
+    monkeypatch.setenv(CUDA_GRAPHS_ENV_VAR, "yes")
+    with pytest.raises(ValueError, match="MARFAST_CUDA_GRAPHS must be 0 or 1"):
+        model.sample_tokens_fast(2, num_iter=2)
+    monkeypatch.setenv(CUDA_GRAPHS_ENV_VAR, "0")
+    reference = model.sample_tokens(2, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.sample_tokens_fast(2, 2, generator=torch.Generator().manual_seed(0)), reference)
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU: equality on CUDA (fp32 and bf16 autocast) and no host synchronisation inside the loop
 
@@ -240,4 +254,55 @@ def test_gpu_ar_loop_with_head_does_not_synchronise():
                         generator=torch.Generator("cuda").manual_seed(0))
 
     loop()
+    run_without_sync(loop)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16_autocast"])
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_gpu_cuda_graph_loop_equals_reference_loop(autocast, cfg):
+    model, labels = gpu_model_and_state(cfg=cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        for seed in (31, 32):  # the second call replays the cached graphs
+            reference = model.sample_tokens(4, 8, cfg, labels=labels, generator=torch.Generator("cuda").manual_seed(seed))
+            graphed = sample_tokens_fast(model, 4, 8, cfg, labels=labels, cuda_graphs=True,
+                                         generator=torch.Generator("cuda").manual_seed(seed))
+            assert torch.equal(graphed, reference), f"max difference {(graphed - reference).abs().max().item()}"
+        assert len(step_graphs_for(model, 4, cfg != 1.0).graphs) == 8
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph_cache_follows_configuration_and_parameters():
+    model, labels = gpu_model_and_state()
+    graphs = step_graphs_for(model, 4, True)
+    assert step_graphs_for(model, 4, True) is graphs
+    assert step_graphs_for(model, 2, True) is not graphs
+    graphs = step_graphs_for(model, 4, True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert step_graphs_for(model, 4, True) is not graphs
+    graphs = step_graphs_for(model, 4, True)
+    model.z_proj.weight.data = model.z_proj.weight.data.clone()  # new storage: the old graphs are stale
+    assert step_graphs_for(model, 4, True) is not graphs
+    model.train()
+    with pytest.raises(ValueError, match="eval mode"):
+        step_graphs_for(model, 4, True)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cuda_graph_ar_loop_does_not_synchronise():
+    """Graph replay of the transformer steps and the default head, after capture, under sync debug "error"."""
+    model, labels = gpu_model_and_state()
+    bsz, plans = labels.shape[0], plan_steps(model, 8, 3.0, "linear")
+    class_embedding = torch.cat([model.class_emb(labels), model.fake_latent.repeat(bsz, 1)])
+
+    def loop():
+        tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            run_ar_loop(model, tokens, model.sample_orders(bsz), class_embedding, plans, 1.0,
+                        generator=torch.Generator("cuda").manual_seed(0), graphs=step_graphs_for(model, bsz, True))
+
+    loop()  # captures
     run_without_sync(loop)
