@@ -20,7 +20,7 @@ from .harness import BenchSession, Budget, device_clock
 from .machine import nvml_state, software_info
 
 BENCH_DIR = Path(__file__).resolve().parent
-SESSION = {"bench": None, "nvml_at_start": None, "skipped": [], "started": None}
+SESSION = {"bench": None, "budget": None, "nvml_at_start": None, "skipped": [], "started": None}
 
 
 def _env_float(name):
@@ -68,6 +68,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionstart(session):
     SESSION["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    SESSION["budget"] = Budget(session.config.getoption("--bench-budget-s", default=None))
     SESSION["nvml_at_start"] = nvml_state()
 
 
@@ -89,8 +90,9 @@ def bench(request):
     on_gpu = device.type == "cuda"
     target_s = config.getoption("--bench-target-s") or (1.0 if on_gpu else 1.2)
     max_rounds = config.getoption("--bench-max-rounds") or (20 if on_gpu else 5)
-    session = BenchSession(device, Budget(config.getoption("--bench-budget-s")), target_s, max_rounds,
-                           quick=config.getoption("--bench-quick"))
+    if SESSION["budget"] is None:  # this conftest was loaded after the session started
+        SESSION["budget"] = Budget(config.getoption("--bench-budget-s"))
+    session = BenchSession(device, SESSION["budget"], target_s, max_rounds, quick=config.getoption("--bench-quick"))
     SESSION["bench"] = session
     threads = torch.get_num_threads()
     if not on_gpu:

@@ -178,30 +178,33 @@ def transformer_block_flops(dim, tokens, mlp_ratio):
     return (8 + 4 * mlp_ratio) * dim**2 * tokens + 4 * tokens**2 * dim
 
 
-def mar_sampling_flops_per_image(model, num_iter, cfg_on):
-    """FLOPs to sample one image with `model.sample_tokens(num_iter=...)`, split by part.
+def mar_sampling_flops_per_image(config, num_iter, cfg_on):
+    """FLOPs to sample one image with `sample_tokens(num_iter=...)`, split by part.
 
-    Follows the reference schedule: at each AR step the encoder sees buffer + known tokens, the
-    decoder buffer + seq_len; the head denoises each token once per DDPM step; CFG doubles all.
-    Returns {"encoder", "decoder", "head", "total"} in FLOPs.
+    config: a MAR `model.config` dict (constructor keywords). Follows the reference schedule: at
+    each AR step the encoder sees buffer + known tokens, the decoder buffer + seq_len; the head
+    denoises each token once per DDPM step; CFG doubles all. Returns {"encoder", "decoder", "head",
+    "total"} in FLOPs.
     """
+    from marfast.diffusion import parse_num_steps
     from marfast.mar import next_mask_len
 
-    cfg = model.config
-    seq_len, buffer = model.seq_len, model.buffer_size
-    mlp_ratio = cfg["mlp_ratio"]
+    seq_len = (config["img_size"] // config["vae_stride"] // config["patch_size"]) ** 2
+    token_channels = config["vae_embed_dim"] * config["patch_size"] ** 2
+    buffer, mlp_ratio = config["buffer_size"], config["mlp_ratio"]
     copies = 2 if cfg_on else 1
     encoder = decoder = 0.0
     masked_now = seq_len
     for step in range(num_iter):
         known = seq_len - masked_now
-        encoder += cfg["encoder_depth"] * transformer_block_flops(cfg["encoder_embed_dim"], buffer + known, mlp_ratio)
-        decoder += cfg["decoder_depth"] * transformer_block_flops(cfg["decoder_embed_dim"], buffer + seq_len, mlp_ratio)
+        encoder += config["encoder_depth"] * transformer_block_flops(config["encoder_embed_dim"], buffer + known, mlp_ratio)
+        decoder += config["decoder_depth"] * transformer_block_flops(config["decoder_embed_dim"], buffer + seq_len,
+                                                                     mlp_ratio)
         masked_now = next_mask_len(seq_len, step, num_iter, masked_now) if step < num_iter - 1 else 0
-    net = model.diffloss.net
-    steps = model.diffloss.num_sampling_steps
-    head = seq_len * (steps * head_flops_per_row_step(net.num_res_blocks, net.model_channels, net.in_channels)
-                      + head_flops_per_row_call(net.model_channels, net.cond_embed.in_features))
+    steps = parse_num_steps(config["num_sampling_steps"])
+    width = config["diffloss_w"]
+    head = seq_len * (steps * head_flops_per_row_step(config["diffloss_d"], width, token_channels)
+                      + head_flops_per_row_call(width, config["decoder_embed_dim"]))
     parts = {"encoder": copies * encoder, "decoder": copies * decoder, "head": copies * head}
     parts["total"] = sum(parts.values())
     return parts
@@ -252,7 +255,7 @@ class Budget:
     def require(self, needed_s, what):
         left = self.remaining_s()
         if needed_s > left:
-            pytest.skip(f"{what}: needs about {needed_s:.0f} s but {max(left, 0):.0f} s are left of the "
+            pytest.skip(f"{what}: needs about {needed_s:.3g} s but {max(left, 0):.3g} s are left of the "
                         f"{self.total_s:.0f} s session budget (--bench-budget-s); run it in a call of its own with -k")
 
 
@@ -323,40 +326,15 @@ class BenchSession:
         benchmark.pedantic(lambda: self.measure(fn), rounds=rounds, warmup_rounds=0, iterations=1)
         return list(self.clock.samples_s[first:])
 
-    def time_reference_within_case(self, reference_fn, case_key):
-        """Time the reference in this case (when its own case did not run in this session)."""
-        first_s = self.measure(reference_fn)
-        estimate = self.measure(reference_fn)
-        rounds = choose_rounds(estimate, self.target_s, self.max_rounds, self.budget.remaining_s())
-        if rounds == 0:
-            self.budget.require(estimate, f"timing the reference of {case_key} within the case")
-        samples = [self.measure(reference_fn) for _ in range(rounds)]
-        self.medians[(case_key, REFERENCE)] = statistics.median(samples)
-        return statistics.median(samples), f"timed within this case ({rounds} rounds after 2 warm-up calls, "\
-                                           f"first call {first_s:.4g} s)"
+    def warm_up(self, fn, warmup_calls, expected_s, target_s, what, check_output=None):
+        """Run the untimed warm-up calls and pick the rounds to time: (first_call_s, rounds).
 
-    def run_case(self, benchmark, *, case, case_key, provider, fn, work, params, provider_detail="",
-                 reference_fn=None, warmup_calls=None, expected_s=None, target_s=None, check_output=None,
-                 notes=()):
-        """Warm up, time and record one (case, provider) pair; returns the extra_info dict.
-
-        fn: the call to time (one full unit of work, e.g. a whole 100-step sampling loop).
-        reference_fn: the reference provider's call for the same case, timed here only when the
-        reference case did not run earlier in this session (e.g. filtered out by -k).
-        warmup_calls: untimed calls before the rounds (compilation, CUDA-graph capture, caches);
-        default 2 on a GPU, 1 on the CPU.
-        expected_s: a rough cost of one call, to skip the case up front when (warmup_calls + 1)
-        calls would not fit the budget; with warmup_calls=0 it also sets the number of rounds.
-        target_s: timed seconds to aim for (default: the session's --bench-target-s).
-        check_output: callable(result) that raises on a wrong result (shape, non-finite values);
-        applied to the first call.
+        With warmup_calls == 0 the rounds come from expected_s and are capped at 3 (the estimate is
+        rough); the budget check asks for (warmup_calls + 1) calls up front.
         """
-        benchmark.group = case_key
-        if warmup_calls is None:
-            warmup_calls = 2 if self.on_gpu else 1
         if warmup_calls == 0 and expected_s is None:
-            raise ValueError("run_case needs expected_s when warmup_calls is 0")
-        self.budget.require((warmup_calls + 1) * (expected_s or 0.0), f"{case_key} [{provider}]")
+            raise ValueError(f"{what}: expected_s is needed when warmup_calls is 0")
+        self.budget.require((warmup_calls + 1) * (expected_s or 0.0), what)
         first_call_s, estimate_s = None, expected_s
         for index in range(warmup_calls):
             result = self.measure(fn)
@@ -365,10 +343,48 @@ class BenchSession:
                 first_call_s = estimate_s
                 if check_output is not None:
                     check_output(result)
+            del result
         rounds = choose_rounds(estimate_s, target_s or self.target_s, self.max_rounds, self.budget.remaining_s())
         if rounds == 0:
-            self.budget.require(estimate_s / 0.8, f"{case_key} [{provider}] timed rounds")
+            self.budget.require(estimate_s / 0.8, f"{what} timed rounds")
             rounds = 1
+        if warmup_calls == 0:
+            rounds = min(rounds, 3)
+        return first_call_s, rounds
+
+    def time_reference_within_case(self, reference_fn, case_key, warmup_calls, expected_s, target_s):
+        """Time the reference in this case (when its own case did not run in this session)."""
+        first_s, rounds = self.warm_up(reference_fn, warmup_calls, expected_s, target_s,
+                                       f"timing the reference of {case_key} within the case")
+        for _ in range(rounds):
+            self.measure(reference_fn)
+        median = statistics.median(self.clock.samples_s[-rounds:])
+        self.medians[(case_key, REFERENCE)] = median
+        first = f", first call {first_s:.4g} s" if first_s is not None else ""
+        return median, f"timed within this case ({rounds} rounds after {warmup_calls} warm-up calls{first})"
+
+    def run_case(self, benchmark, *, case, case_key, provider, fn, work, params, provider_detail="",
+                 warmup_calls=None, expected_s=None, target_s=None, check_output=None, notes=(),
+                 reference_fn=None, reference_warmup_calls=None, reference_expected_s=None):
+        """Warm up, time and record one (case, provider) pair; returns the extra_info dict.
+
+        fn: the call to time (one full unit of work, e.g. a whole 100-step sampling loop).
+        warmup_calls: untimed calls before the rounds (compilation, CUDA-graph capture, caches);
+        default 2 on a GPU, 1 on the CPU.
+        expected_s: a rough cost of one call, to skip the case up front when (warmup_calls + 1)
+        calls would not fit the budget; with warmup_calls=0 it also sets the number of rounds.
+        target_s: timed seconds to aim for (default: the session's --bench-target-s).
+        check_output: callable(result) that raises on a wrong result (shape, non-finite values);
+        applied to the first call.
+        reference_fn, reference_warmup_calls, reference_expected_s: the reference provider's call
+        for the same case and how to warm it up; it is timed here only when the reference case did
+        not run earlier in this session (e.g. filtered out by -k).
+        """
+        benchmark.group = case_key
+        if warmup_calls is None:
+            warmup_calls = 2 if self.on_gpu else 1
+        what = f"{case_key} [{provider}]"
+        first_call_s, rounds = self.warm_up(fn, warmup_calls, expected_s, target_s, what, check_output)
         first_results = []
 
         def timed_call():
@@ -406,7 +422,24 @@ class BenchSession:
             "gb_per_s": work.bytes_min / median / 1e9,
         }
         info.update(self.roofline_fields(work, median))
-        info.update(self.speedup_fields(case_key, provider, median, reference_fn))
+        if provider == REFERENCE:
+            info.update(speedup_vs_reference=1.0, reference_median_s=median, reference_source="this case")
+        else:
+            reference = self.medians.get((case_key, REFERENCE))
+            source = "same run, reference case of this group"
+            if reference is None and reference_fn is not None:
+                if reference_warmup_calls is None:
+                    reference_warmup_calls = 2 if self.on_gpu else 1
+                reference, source = self.time_reference_within_case(
+                    reference_fn, case_key, reference_warmup_calls, reference_expected_s, target_s)
+            if reference is None:
+                info.update(speedup_vs_reference=None, reference_source="reference not timed in this run")
+            else:
+                info.update(speedup_vs_reference=reference / median, reference_median_s=reference,
+                            reference_source=source)
+            compiled = self.medians.get((case_key, COMPILE))
+            if provider != COMPILE and compiled is not None:
+                info["speedup_vs_compile"] = compiled / median
         info["notes"] = list(notes)
         if self.on_gpu:
             state = nvml_state()
@@ -427,19 +460,3 @@ class BenchSession:
             "flop_fraction": compute_s / median,
             "bandwidth_fraction": memory_s / median,
         }
-
-    def speedup_fields(self, case_key, provider, median, reference_fn):
-        if provider == REFERENCE:
-            return {"speedup_vs_reference": 1.0, "reference_median_s": median, "reference_source": "this case"}
-        reference = self.medians.get((case_key, REFERENCE))
-        source = "same run, reference case of this group"
-        if reference is None:
-            if reference_fn is None:
-                return {"speedup_vs_reference": None, "reference_source": "reference not timed in this run"}
-            reference, source = self.time_reference_within_case(reference_fn, case_key)
-        fields = {"speedup_vs_reference": reference / median, "reference_median_s": reference,
-                  "reference_source": source}
-        compiled = self.medians.get((case_key, COMPILE))
-        if provider != COMPILE and compiled is not None:
-            fields["speedup_vs_compile"] = compiled / median
-        return fields

@@ -1,8 +1,10 @@
 """Full MAR sampling (`sample_tokens`): images per second, fraction of the roofline, head/transformer split.
 
 GPU: mar_base, mar_large and mar_huge with their released heads (6x1024, 8x1280, 12x1536), batch 1,
-16 and 256, 64 and 256 AR steps, 100 DDPM steps, CFG on (released scales, linear schedule),
-bf16 autocast over fp32 weights (as the official evaluation runs). Random weights: the cost does
+16 and 256, 64 and 256 AR steps, 100 DDPM steps, CFG on (released scales, linear schedule), under
+bf16 autocast (as the official evaluation runs) with fp32 transformer weights and bf16 head weights
+for every provider (the bf16 head computes what autocast computes, without casting its weights again
+at every DDPM step; the fused head computes in its weights' dtype). Random weights: the cost does
 not depend on their values. CPU: a tiny MAR (16 tokens, 1+1 blocks, 2x64 head, 10 DDPM steps) at
 batch 1 and 4, 4 and 8 AR steps, fp32.
 
@@ -77,6 +79,8 @@ def _model(bench, name):
             builder, head = GPU_MODELS[name]
             model = builder(**head, num_sampling_steps=str(DDPM_STEPS))
     randomize_(model.diffloss, seed=len(name))
+    if bench.on_gpu:
+        model.diffloss.to(torch.bfloat16)
     model.eval()
     bench.cache["mar"] = (name, model)
     return model
@@ -167,9 +171,8 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         if not bench.on_gpu:
             pytest.skip("the fused head is timed on CUDA only (the Triton CPU interpreter is a correctness tool)")
         model.diffloss.backend = "triton"
-        z_dtype = torch.float32
         with autocast:
-            reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, bench.device, z_dtype, cfg)
+            reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, bench.device, torch.float32, cfg)
         if reason:
             pytest.skip(reason)
         sampler, detail = model.sample_tokens, "MAR.sample_tokens (reference loop), DiffLoss backend 'triton'"
@@ -194,13 +197,13 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         finally:
             model.diffloss.backend = backend
 
-    flops_parts = mar_sampling_flops_per_image(model, num_iter, cfg_on=True)
+    flops_parts = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True)
     weight_bytes = 2 if bench.on_gpu else 4
     work = Work(flops=flops_parts["total"] * batch, bytes_min=mar_sampling_bytes(model, num_iter, weight_bytes),
                 items=batch, unit="images/s", other_items={"tokens/s": batch * model.seq_len})
     params = {"model": name, "batch": batch, "num_iter": num_iter, "ddpm_steps": model.diffloss.num_sampling_steps,
               "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0,
-              "precision": "bf16 autocast, fp32 weights" if bench.on_gpu else "fp32",
+              "precision": "bf16 autocast, fp32 transformer weights, bf16 head weights" if bench.on_gpu else "fp32",
               "head": f"{model.diffloss.net.num_res_blocks}x{model.diffloss.net.model_channels}",
               "tflop_per_image": {part: value / 1e12 for part, value in flops_parts.items()}}
 
@@ -211,25 +214,26 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         if not torch.isfinite(latents).all():
             raise AssertionError("the sampled latents contain NaN or inf")
 
-    warmup_calls, expected_s, notes = None, None, ["every timed call is a complete sample_tokens run"]
+    case_key = f"mar_sample/{name}/b{batch}/iters{num_iter}"
+    warmup_calls, expected_s, expected_ref = None, None, None
+    notes = ["every timed call is a complete sample_tokens run"]
     if bench.on_gpu:
-        reference_s = bench.medians.get((f"mar_sample/{name}/b{batch}/iters{num_iter}", REFERENCE))
         expected_ref = _expected_reference_s(model, work.flops, num_iter, bench.roofline)
         if provider == REFERENCE:
-            bench.budget.require(expected_ref, f"{name} b{batch} iters{num_iter} [{provider}]")
+            bench.budget.require(expected_ref, f"{case_key} [{provider}]")
             bench.measure(lambda: sample_call(min(batch, 2), 2))
             warmup_calls, expected_s = 0, expected_ref
             notes.append("warm-up: one 2-AR-step call at batch <= 2 (the eager reference has nothing to compile)")
         else:
-            warmup_calls, expected_s = 1, reference_s or expected_ref
+            warmup_calls, expected_s = 1, bench.medians.get((case_key, REFERENCE), expected_ref)
             notes.append("warm-up: one complete call (compilation, CUDA-graph capture)")
 
     timer = HeadTimer(model, bench.device)
-    info = bench.run_case(benchmark, case="mar_sample", case_key=f"mar_sample/{name}/b{batch}/iters{num_iter}",
-                          provider=provider, provider_detail=detail, fn=timer.wrap(sample_call), work=work,
-                          params=params, reference_fn=reference_call, warmup_calls=warmup_calls,
+    info = bench.run_case(benchmark, case="mar_sample", case_key=case_key, provider=provider, provider_detail=detail,
+                          fn=timer.wrap(sample_call), work=work, params=params, warmup_calls=warmup_calls,
                           expected_s=expected_s, target_s=(3 if bench.on_gpu else 1) * bench.target_s,
-                          check_output=check, notes=notes)
+                          check_output=check, notes=notes, reference_fn=reference_call,
+                          reference_warmup_calls=0 if bench.on_gpu else None, reference_expected_s=expected_ref)
     benchmark.extra_info["time_split"] = timer.split(info["rounds"], bench.last_samples_s, num_iter)
     attention = getattr(model.encoder_blocks[0].attn, "last_backend", None)
     benchmark.extra_info["attention_backend"] = attention if attention is not None else "not reported by the model"

@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU (no network needed): check the environment, make
+# `marfast` and `marfast.kernels` importable from this checkout, run the GPU parity tests
+# (pytest -m gpu tests/), run the benchmarks into a JSON named after the device and the date, and
+# print a short summary table last. The whole call stays within a wall-clock limit (default 530 s).
+#
+# usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--out DIR] [--seconds N]
+#                                [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
+#   --quick       the quick benchmark subset (--bench-quick): rows 8 and 4096 for the heads,
+#                 mar_base at batch 1 and 256 with 64 AR steps
+#   --no-tests    skip the GPU parity tests; --tests-only: run only them
+#   --out DIR     where results go (default: $OUT if set, else benchmarks/results/)
+#   --seconds N   wall-clock limit of the whole call (default 530; env MARFAST_SUITE_SECONDS)
+#   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
+#   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+START=$(date +%s)
+LIMIT_S="${MARFAST_SUITE_SECONDS:-530}"
+OUT_DIR="${OUT:-$REPO/benchmarks/results}"
+QUICK=0
+ALLOW_CPU=0
+RUN_TESTS=1
+RUN_BENCH=1
+K_EXPR=""
+EXTRA=()
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --allow-cpu) ALLOW_CPU=1 ;;
+    --no-tests) RUN_TESTS=0 ;;
+    --tests-only) RUN_BENCH=0 ;;
+    --out) OUT_DIR="$2"; shift ;;
+    --seconds) LIMIT_S="$2"; shift ;;
+    -k) K_EXPR="$2"; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+DEADLINE=$((START + LIMIT_S))
+seconds_left() { echo $((DEADLINE - $(date +%s))); }
+say() { echo "[gpu_suite $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+
+mkdir -p "$OUT_DIR"
+cd "$REPO"
+
+# ------------------------------------------------------------------------------------------------
+say "environment"
+STAMP="$(date -u +%Y%m%d-%H%M%S)"
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,temperature.gpu,clocks_event_reasons.active \
+    --format=csv || nvidia-smi
+  DEVICE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1 | tr -cs 'A-Za-z0-9.' '-' | sed 's/-*$//')"
+  TAG="${DEVICE:-gpu}-${STAMP}"
+  nvidia-smi -q > "$OUT_DIR/nvidia-smi-$TAG.txt" 2>&1 || true
+elif [ "$ALLOW_CPU" = 1 ]; then
+  TAG="cpu-${STAMP}"
+else
+  echo "gpu_suite.sh: nvidia-smi not found: this script needs a machine with an NVIDIA GPU (--allow-cpu to test it)" >&2
+  exit 3
+fi
+
+ALLOW_CPU="$ALLOW_CPU" python3 - <<'EOF' || { echo "gpu_suite.sh: the Python environment is not usable" >&2; exit 3; }
+import importlib, importlib.metadata, os, shutil, sys
+import torch
+print(f"python {sys.version.split()[0]}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
+      f"cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    print(f"device: {torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
+elif os.environ["ALLOW_CPU"] != "1":
+    sys.exit("torch sees no CUDA device")
+for dist in ("triton", "pytest", "pytest-benchmark", "nvidia-ml-py", "matplotlib", "flash-attn", "flash-attn-4"):
+    try:
+        print(f"{dist}: {importlib.metadata.version(dist)}")
+    except importlib.metadata.PackageNotFoundError:
+        print(f"{dist}: not installed")
+for mod in ("pytest", "pytest_benchmark", "pynvml", "triton"):
+    importlib.import_module(mod)
+compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+print(f"C compiler for Triton's launcher stubs: {compiler or 'NOT FOUND (Triton kernels will fail to launch)'}")
+EOF
+
+# ------------------------------------------------------------------------------------------------
+say "making marfast and marfast.kernels importable from $REPO"
+check_import() {
+  # pytest puts the repository root first on sys.path, so check with it there.
+  python3 - "$REPO" <<'EOF'
+import os, sys
+repo = os.path.realpath(sys.argv[1])
+sys.path.insert(0, repo)
+import marfast, marfast.kernels
+package = os.path.realpath(os.path.dirname(marfast.__file__))
+kernels = os.path.realpath(os.path.dirname(marfast.kernels.__file__))
+ok = package == os.path.join(repo, "marfast") and kernels == os.path.join(repo, "kernels")
+print(f"marfast -> {package}; marfast.kernels -> {kernels}: {'ok' if ok else 'WRONG'}")
+sys.exit(0 if ok else 1)
+EOF
+}
+KERNELS_LINK=""
+if ! check_import; then
+  say "installing the checkout in editable mode (no dependencies, no build isolation)"
+  python3 -m pip install --no-deps --no-build-isolation -q -e "$REPO" || say "editable install failed"
+  if ! check_import; then
+    # Last resort: a symlink marfast/kernels -> ../kernels in this working tree, removed on exit.
+    if [ ! -e "$REPO/marfast/kernels" ]; then
+      ln -s ../kernels "$REPO/marfast/kernels" && KERNELS_LINK="$REPO/marfast/kernels"
+      trap '[ -n "$KERNELS_LINK" ] && rm -f "$KERNELS_LINK"' EXIT
+    fi
+    export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+    check_import || { echo "gpu_suite.sh: cannot make marfast.kernels import from $REPO/kernels" >&2; exit 4; }
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+TESTS_RC="not run"
+if [ "$RUN_TESTS" = 1 ]; then
+  LEFT=$(seconds_left)
+  if [ "$RUN_BENCH" = 1 ]; then TESTS_S=$(( LEFT * 2 / 5 < 240 ? LEFT * 2 / 5 : 240 )); else TESTS_S=$((LEFT - 10)); fi
+  say "GPU parity tests: pytest -m gpu tests/ (limit ${TESTS_S}s)"
+  timeout -s INT -k 15 "$TESTS_S" python3 -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
+    --junitxml="$OUT_DIR/gpu-tests-$TAG.xml" 2>&1 | tee "$OUT_DIR/gpu-tests-$TAG.log"
+  TESTS_RC=${PIPESTATUS[0]}
+  say "GPU parity tests finished with exit code $TESTS_RC (124/130: stopped at the time limit)"
+fi
+
+# ------------------------------------------------------------------------------------------------
+BENCH_RC="not run"
+JSON=""
+if [ "$RUN_BENCH" = 1 ]; then
+  SUFFIX=""
+  [ "$QUICK" = 1 ] && SUFFIX="-quick"
+  [ -n "$K_EXPR" ] && SUFFIX="$SUFFIX-$(echo "$K_EXPR" | tr -cs 'A-Za-z0-9' '_' | cut -c1-40 | sed 's/_*$//')"
+  JSON="$OUT_DIR/marfast-bench-$TAG$SUFFIX.json"
+  LEFT=$(seconds_left)
+  PYTEST_S=$((LEFT - 20))          # room for the summary
+  BUDGET_S=$((PYTEST_S - 30))      # room for start-up, a case overrunning its estimate, and saving
+  if [ "$BUDGET_S" -lt 30 ]; then
+    say "only ${LEFT}s left: not enough for the benchmarks (raise --seconds or use --no-tests)"
+  else
+    ARGS=(benchmarks/ --benchmark-only --benchmark-json="$JSON" -q -ra -p no:cacheprovider --bench-budget-s "$BUDGET_S")
+    [ "$QUICK" = 1 ] && ARGS+=(--bench-quick)
+    [ -n "$K_EXPR" ] && ARGS+=(-k "$K_EXPR")
+    ARGS+=(${EXTRA[@]+"${EXTRA[@]}"})
+    say "benchmarks: pytest ${ARGS[*]} (limit ${PYTEST_S}s)"
+    timeout -s INT -k 15 "$PYTEST_S" python3 -m pytest "${ARGS[@]}" 2>&1 | tee "$OUT_DIR/marfast-bench-$TAG$SUFFIX.log"
+    BENCH_RC=${PIPESTATUS[0]}
+    say "benchmarks finished with exit code $BENCH_RC"
+  fi
+fi
+
+# ------------------------------------------------------------------------------------------------
+say "results in $OUT_DIR"
+ls -l "$OUT_DIR" | sed -n '1,40p'
+if [ -n "$JSON" ] && [ -s "$JSON" ]; then
+  python3 -m benchmarks.report "$JSON" --quiet --markdown "${JSON%.json}.md" --plots "$OUT_DIR/plots-$TAG$SUFFIX" \
+    || say "report.py failed"
+  echo
+  echo "GPU parity tests: exit code $TESTS_RC; benchmarks: exit code $BENCH_RC; JSON: $JSON"
+  echo
+  python3 -m benchmarks.report "$JSON" --summary
+else
+  echo "GPU parity tests: exit code $TESTS_RC; benchmarks: exit code $BENCH_RC; no benchmark JSON was written"
+fi
+
+for rc in "$TESTS_RC" "$BENCH_RC"; do
+  case "$rc" in "not run"|0) ;; *) exit 1 ;; esac
+done
+exit 0

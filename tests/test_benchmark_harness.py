@@ -1,0 +1,133 @@
+"""The benchmark harness's work models, round selection, NVML decoding and device-clock timing (CPU)."""
+import math
+import statistics
+
+import pytest
+import torch
+
+from benchmarks import harness, machine
+from marfast.mar import PRESETS
+
+RELEASED = {"mar_base": (6, 1024), "mar_large": (8, 1280), "mar_huge": (12, 1536)}
+BASE_CONFIG = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64, mlp_ratio=4.0,
+                   num_sampling_steps="100")
+
+
+def released_config(name):
+    depth, width = RELEASED[name]
+    return {**BASE_CONFIG, **PRESETS[name], "diffloss_d": depth, "diffloss_w": width}
+
+
+@pytest.mark.parametrize("name, encoder, decoder, head, total", [
+    ("mar_base", 3.5, 7.4, 3.4, 14.4),
+    ("mar_large", 8.3, 17.4, 7.1, 32.7),
+    ("mar_huge", 16.1, 33.6, 15.0, 64.6),
+])
+def test_mar_flops_match_the_performance_floors_note(name, encoder, decoder, head, total):
+    """TFLOP per image at 64 AR steps with CFG, as tabulated in shared/notes/performance-floors.md."""
+    parts = harness.mar_sampling_flops_per_image(released_config(name), 64, cfg_on=True)
+    for part, expected in (("encoder", encoder), ("decoder", decoder), ("head", head), ("total", total)):
+        assert parts[part] / 1e12 == pytest.approx(expected, abs=0.051), part
+
+
+def test_mar_flops_scale_with_cfg_and_steps():
+    config = released_config("mar_base")
+    with_cfg = harness.mar_sampling_flops_per_image(config, 64, cfg_on=True)
+    without = harness.mar_sampling_flops_per_image(config, 64, cfg_on=False)
+    for part in with_cfg:
+        assert with_cfg[part] == pytest.approx(2 * without[part])
+    longer = harness.mar_sampling_flops_per_image(config, 256, cfg_on=True)
+    assert longer["head"] == with_cfg["head"]  # the head denoises every token once, whatever num_iter is
+    assert longer["decoder"] == pytest.approx(4 * with_cfg["decoder"])
+    assert longer["encoder"] > 4 * with_cfg["encoder"]
+
+
+def test_head_work_counts_flops_and_weight_traffic():
+    from marfast.diffloss import SimpleMLPAdaLN
+
+    net = SimpleMLPAdaLN(in_channels=16, model_channels=48, out_channels=32, z_channels=24, num_res_blocks=3)
+    flops, bytes_min = harness.head_sampling_work(net, rows=10, steps=7, weight_bytes_per_param=2)
+    per_row_step = 2 * ((5 * 3 + 2) * 48**2 + 3 * 48 * 16)
+    assert flops == 10 * (7 * per_row_step + 2 * 48 * 24)
+    params = sum(p.numel() for p in net.parameters())
+    assert bytes_min == 7 * (params * 2 + 2 * 10 * 16 * 4) + 10 * 24 * 2
+
+
+def test_roofline_floor_takes_the_binding_resource():
+    roof = harness.Roofline("cuda:0", 800.0, "bfloat16", 8192, 3000.0, 2**30, 20, "synthetic")
+    assert roof.floor_s(800e12, 3e9) == pytest.approx(1.0)          # compute-bound
+    assert roof.floor_s(8e12, 6000e9) == pytest.approx(2.0)         # memory-bound
+
+
+@pytest.mark.parametrize("estimate, target, budget, expected", [
+    (0.01, 1.0, math.inf, 20),   # cheap: capped at max_rounds
+    (0.2, 1.0, math.inf, 5),     # fills the target
+    (0.4, 1.0, math.inf, 2),     # 3 rounds would overshoot the target: as many as fit, at least 1
+    (5.0, 1.0, math.inf, 1),
+    (0.2, 1.0, 0.5, 2),          # the budget allows 80% of 0.5 s
+    (1.0, 1.0, 0.5, 0),          # not even one round fits
+])
+def test_choose_rounds(estimate, target, budget, expected):
+    assert harness.choose_rounds(estimate, target, 20, budget) == expected
+
+
+def test_summarize_reports_median_and_spread():
+    stats = harness.summarize([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert stats["median_s"] == 3.0 and stats["min_s"] == 1.0 and stats["max_s"] == 10.0
+    assert stats["iqr_s"] == pytest.approx(2.0) and stats["rounds"] == 5
+    assert stats["spread_pct"] == pytest.approx(100 * 2.0 / 3.0)
+    single = harness.summarize([0.5])
+    assert single["stddev_s"] == 0.0 and single["iqr_s"] == 0.0
+
+
+def test_budget_skips_what_does_not_fit():
+    harness.Budget(None).require(1e9, "anything")  # unlimited
+    with pytest.raises(pytest.skip.Exception, match="needs about 100 s"):
+        harness.Budget(10.0).require(100.0, "a case")
+
+
+def test_throttle_reasons_are_decoded():
+    assert machine.decode_throttle_reasons(0) == ["none"]
+    assert machine.decode_throttle_reasons(0x1 | 0x4 | 0x40) == ["gpu_idle", "hw_thermal_slowdown", "sw_power_cap"]
+    assert machine.decode_throttle_reasons(0x1000) == ["other_bits_0x1000"]
+
+
+def test_metadata_without_a_gpu_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only metadata path")
+    assert machine.nvml_state() == {"nvml": "unavailable: no CUDA device"}
+    info = machine.software_info()
+    assert info["cuda_available"] is False and info["torch"] == torch.__version__
+    assert machine.device_label() == "cpu"
+
+
+def test_attention_backend_is_reported_or_its_absence_named(monkeypatch):
+    import importlib
+
+    real_import = importlib.import_module
+
+    def without_attention(name, *args, **kwargs):
+        if name == "marfast.attention":
+            raise ModuleNotFoundError("No module named 'marfast.attention'", name="marfast.attention")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(machine.importlib, "import_module", without_attention)
+    assert machine.attention_backend() == machine.ATTENTION_MODULE_ABSENT
+
+
+@pytest.mark.benchmark(timer=harness.device_clock)
+def test_pytest_benchmark_records_device_clock_times(benchmark):
+    """The stats pytest-benchmark keeps are the times DeviceClock measured, round by round."""
+    session = harness.BenchSession(torch.device("cpu"), harness.Budget(None), target_s=60.0, max_rounds=4, quick=False)
+    session._roofline = harness.Roofline("cpu", 1.0, "float32", 64, 1.0, 64, 1, "synthetic")
+    a = torch.randn(64, 64)
+    work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
+    info = session.run_case(benchmark, case="matmul", case_key="matmul/64", provider=harness.REFERENCE,
+                            fn=lambda: a @ a, work=work, params={"n": 64}, warmup_calls=1)
+    assert info["rounds"] == 4 and session.last_samples_s == session.clock.samples_s[-4:]
+    assert info["median_s"] == pytest.approx(statistics.median(session.last_samples_s))
+    assert info["speedup_vs_reference"] == 1.0 and info["throughput"] == pytest.approx(1 / info["median_s"])
+    assert info["tflops_per_s"] == pytest.approx(2 * 64**3 / info["median_s"] / 1e12)
+    assert benchmark.extra_info["case_key"] == "matmul/64"
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        assert benchmark.stats.stats.data == pytest.approx(session.last_samples_s)
