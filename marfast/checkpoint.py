@@ -92,14 +92,19 @@ def _atomic_dir_write(directory, write_fn):
 
 def save_pretrained(model, directory):
     """Write config.json and model.safetensors for `model` into `directory` (atomically)."""
+    return write_pretrained(model.state_dict(), model.config, directory)
+
+
+def write_pretrained(state_dict, config, directory):
+    """Write a state dict and its MAR config as a save_pretrained directory (atomically)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 
     def write(tmp):
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "marfast"})
         with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(model.config, f, indent=2, sort_keys=True)
+            json.dump(config, f, indent=2, sort_keys=True)
 
     _atomic_dir_write(directory, write)
     return Path(directory)

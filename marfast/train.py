@@ -1,0 +1,427 @@
+"""Training MAR: the official recipe, on one process or many (torchrun: DDP, or FSDP for the largest).
+
+Defaults follow the official recipe: AdamW (betas 0.9 / 0.95, weight decay 0.02, none on biases,
+norms and the diffusion head), lr = blr * global batch / 256 with linear warmup then constant,
+an EMA of the weights (0.9999), label dropping (in the model), diffusion_batch_mul 4, gradient
+clipping at 3.0. Mixed precision is bf16 autocast (fp16, the official choice, gives NaN losses).
+
+Exact resumption: the data order is a function of (seed, epoch), every random draw comes from
+generators whose states are saved, and a checkpoint holds model, EMA, optimizer, epoch, step and
+RNG states. `checkpoint-last.pth` keeps the official layout (`model`, `model_ema`, `optimizer`,
+`epoch`) so official tools read it; `ema/` holds the EMA weights as a `save_pretrained` directory.
+"""
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import load_state_dict_checked, write_pretrained
+from .mar import PRESETS, MAR, build_preset
+from .vae import LATENT_SCALE
+
+PRECISIONS = ("bf16", "fp32")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def weight_decay_groups(model, weight_decay):
+    """Official grouping: no weight decay on 1-D parameters, biases and the diffusion head."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() == 1 or name.endswith(".bias") or "diffloss" in name else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def learning_rate(step, base_lr, warmup_steps, total_steps, schedule="constant", min_lr=0.0):
+    """Linear warmup over `warmup_steps` (reaching base_lr at the last warmup step), then constant
+    or cosine decay to min_lr at `total_steps`."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def update_ema(ema_params, params, decay):
+    """ema <- decay * ema + (1 - decay) * param, for matching parameter lists."""
+    for ema_p, p in zip(ema_params, params):
+        ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+class CachedLatents(torch.utils.data.Dataset):
+    """Latent cache written by `cache_latents`: root/<class>/<name>.npz with `moments` and
+    `moments_flip` (VAE posterior mean and log-variance, [2C, h, w] float32). Items are
+    (moments [2, 2C, h, w] (plain, flipped), label)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).glob("*.npz"))]
+        if not self.files:
+            raise FileNotFoundError(f"no cached latents (<class>/<name>.npz) under {root}")
+        self.classes = classes
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        path, label = self.files[i]
+        data = np.load(path)
+        return torch.from_numpy(np.stack([data["moments"], data["moments_flip"]])), label
+
+
+def center_crop_image(image, size):
+    """ADM-style crop: halve with a box filter while the short side is >= 2 * size, resize the
+    short side to `size` (bicubic), then crop the centre. PIL image -> PIL image."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """root/<class>/<image> -> (float image [3, size, size] in [-1, 1], label); flips are drawn by the trainer."""
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
+
+    def __init__(self, root, size):
+        self.root, self.size = Path(root), size
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+        self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).iterdir())
+                      if f.suffix in self.EXTENSIONS]
+        if not self.files:
+            raise FileNotFoundError(f"no images (<class>/<image>) under {root}")
+        self.classes = classes
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.files[i]
+        with Image.open(path) as image:
+            image = center_crop_image(image.convert("RGB"), self.size)
+        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return array.float() / 127.5 - 1.0, label
+
+
+def sample_posterior(moments, generator):
+    """Scaled latents from VAE moments [B, 2C, h, w] (mean, log-variance)."""
+    mean, logvar = moments.chunk(2, dim=1)
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise) * LATENT_SCALE
+
+
+@torch.no_grad()
+def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device=None, progress=True):
+    """Encode every image (and its mirror) once; resumable: images already cached are skipped."""
+    dataset = ImageFolder(image_root, img_size)
+    out_root = Path(out_root)
+    todo = [i for i, (f, label) in enumerate(dataset.files)
+            if not (out_root / dataset.classes[label] / (f.stem + ".npz")).exists()]
+    device = device or next(vae.parameters()).device
+    for start in tqdm(range(0, len(todo), batch_size), desc="cache latents", disable=not progress):
+        items = [dataset[i] for i in todo[start:start + batch_size]]
+        images = torch.stack([im for im, _ in items]).to(device=device, dtype=next(vae.parameters()).dtype)
+        moments = vae.quant_conv(vae.encoder(torch.cat([images, images.flip(-1)]))).float().cpu().numpy()
+        n = len(items)
+        for j, i in enumerate(todo[start:start + batch_size]):
+            path, label = dataset.files[i]
+            target = out_root / dataset.classes[label] / (path.stem + ".npz")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=target.parent)
+            os.close(fd)
+            np.savez(tmp, moments=moments[j], moments_flip=moments[n + j])
+            os.replace(tmp, target)
+    return out_root
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+@dataclass
+class TrainConfig:
+    """Everything a run needs; validated by `check()` before any work starts."""
+
+    output_dir: str
+    model: str = "mar_large"
+    model_kwargs: dict = field(default_factory=dict)
+    cached_path: str = ""
+    data_path: str = ""
+    vae_path: str = ""
+    img_size: int = 256
+    batch_size: int = 16
+    epochs: int = 400
+    max_steps: int = 0
+    lr: float = 0.0
+    blr: float = 1e-4
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 100.0
+    weight_decay: float = 0.02
+    ema_rate: float = 0.9999
+    grad_clip: float = 3.0
+    precision: str = "bf16"
+    grad_checkpointing: bool = False
+    fsdp: bool = False
+    seed: int = 1
+    num_workers: int = 4
+    save_every_steps: int = 1000
+    log_every_steps: int = 20
+    tensorboard: bool = False
+    resume: bool = True
+    progress: bool = True
+
+    def check(self, require_data=True):
+        """Raise ValueError listing every problem (require_data=False: a dataset object is given)."""
+        problems = []
+        if self.model not in PRESETS and not (Path(self.model) / "config.json").is_file():
+            problems.append(f"model must be one of {sorted(PRESETS)} or a save_pretrained directory, got {self.model!r}")
+        if require_data and bool(self.cached_path) == bool(self.data_path):
+            problems.append("give exactly one of cached_path (latent cache) and data_path (image folder)")
+        if self.data_path and not self.vae_path:
+            problems.append("data_path (images) needs vae_path (the KL-16 VAE) to encode them")
+        for name in ("cached_path", "data_path", "vae_path"):
+            value = getattr(self, name)
+            if value and not Path(value).exists():
+                problems.append(f"{name} {value} does not exist")
+        for name in ("batch_size", "epochs", "save_every_steps", "log_every_steps", "img_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            hint = " (fp16 autocast gives NaN losses with MAR; use bf16)" if self.precision == "fp16" else ""
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}{hint}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            problems.append(f"ema_rate must lie in [0, 1), got {self.ema_rate}")
+        if self.blr <= 0 and self.lr <= 0:
+            problems.append("give a positive lr or blr")
+        if self.max_steps < 0 or self.warmup_epochs < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            problems.append("max_steps, warmup_epochs, grad_clip and weight_decay must not be negative")
+        if problems:
+            raise ValueError("bad training configuration:\n  " + "\n  ".join(problems))
+        return self
+
+
+RUNTIME_MODEL_KWARGS = ("diffusion_batch_mul", "label_drop_prob", "mask_ratio_min")
+
+
+def build_model(config):
+    """A preset built from scratch, or a save_pretrained directory as the starting point (then only
+    the training-time settings RUNTIME_MODEL_KWARGS may be overridden)."""
+    kwargs = {"diffusion_batch_mul": 4, **config.model_kwargs, "grad_checkpointing": config.grad_checkpointing}
+    if config.model in PRESETS:
+        return build_preset(config.model, img_size=config.img_size, **kwargs)
+    model = MAR.load(config.model)
+    for name in kwargs:
+        if name not in RUNTIME_MODEL_KWARGS + ("grad_checkpointing",):
+            raise ValueError(f"model_kwargs[{name!r}] cannot change a saved model (allowed: {RUNTIME_MODEL_KWARGS})")
+        setattr(model, name, kwargs[name])
+    model.diffloss.net.grad_checkpointing = config.grad_checkpointing
+    return model.train()
+
+
+def _atomic_torch_save(obj, path):
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+class Trainer:
+    """Runs `TrainConfig` on this process (rank and world size from torchrun's environment)."""
+
+    def __init__(self, config, dataset=None, log=print):
+        self.config = config.check(require_data=dataset is None)
+        self.log = log
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        torch.manual_seed(config.seed + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank)
+        self.model = build_model(config).to(self.device).train()
+        self.ema = [p.detach().clone().float() for p in self.model.parameters()]
+        self.vae = None
+        if dataset is not None:
+            self.dataset = dataset
+        elif config.cached_path:
+            self.dataset = CachedLatents(config.cached_path)
+        else:
+            from .vae import load_vae
+
+            self.dataset = ImageFolder(config.data_path, config.img_size)
+            vae_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            self.vae = load_vae(config.vae_path, device=self.device, dtype=vae_dtype)
+        self.global_batch = config.batch_size * self.world
+        self.steps_per_epoch = len(self.dataset) // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"the data set has {len(self.dataset)} items, fewer than one global batch ({self.global_batch})")
+        self.total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
+        self.lr = config.lr or config.blr * self.global_batch / 256
+        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, config.weight_decay), lr=self.lr, betas=(0.9, 0.95))
+        self.step = 0
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if config.resume and (self.out / "checkpoint-last.pth").is_file():
+            self.load_checkpoint(self.out / "checkpoint-last.pth")
+        self.wrapped = self._wrap(self.model)
+        self.history = []
+
+    def _wrap(self, model):
+        if self.world == 1:
+            return model
+        if self.config.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in list(model.encoder_blocks) + list(model.decoder_blocks):
+                fully_shard(block)
+            return fully_shard(model)
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # -- data ----------------------------------------------------------------------------------
+    def batch_indices(self, epoch, step_in_epoch):
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed * 100003 + epoch))
+        start = step_in_epoch * self.global_batch + self.rank * self.config.batch_size
+        return order[start:start + self.config.batch_size].tolist()
+
+    def load_batch(self, indices):
+        items = [self.dataset[i] for i in indices]
+        x = torch.stack([torch.as_tensor(a) for a, _ in items]).to(self.device)
+        labels = torch.tensor([int(b) for _, b in items], dtype=torch.long, device=self.device)
+        flip = torch.rand(len(items), generator=self.generator, device=self.device) < 0.5
+        if isinstance(self.dataset, CachedLatents):
+            moments = torch.where(flip[:, None, None, None], x[:, 1], x[:, 0])
+            return sample_posterior(moments, self.generator), labels
+        if self.vae is not None:
+            images = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            with torch.no_grad():
+                moments = self.vae.quant_conv(self.vae.encoder(images.to(self.vae.post_quant_conv.weight.dtype))).float()
+            return sample_posterior(moments, self.generator), labels
+        return x.float(), labels  # a dataset of ready latents (no flips: the caller's data may not allow them)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def full_state_dict(self):
+        if self.config.fsdp and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def ema_state_dict(self):
+        names = [n for n, _ in self.model.named_parameters()]
+        state = {k: v.detach().cpu().clone() for k, v in self.full_state_dict().items()}
+        for name, value in zip(names, self.ema):
+            state[name] = value.detach().cpu().to(state[name].dtype).reshape(state[name].shape)
+        return state
+
+    def save_checkpoint(self):
+        model_state, ema_state = self.full_state_dict(), self.ema_state_dict()
+        optimizer_state = self.optimizer.state_dict() if not (self.config.fsdp and self.world > 1) else None
+        if self.rank != 0:
+            return
+        epoch = self.step // self.steps_per_epoch
+        ckpt = {"model": model_state, "model_ema": ema_state, "optimizer": optimizer_state, "epoch": epoch,
+                "step": self.step, "config": asdict(self.config), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "generator": self.generator.get_state(), "model_config": self.model.config}
+        _atomic_torch_save(ckpt, self.out / "checkpoint-last.pth")
+        write_pretrained(ema_state, self.model.config, self.out / "ema")
+
+    def load_checkpoint(self, path):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        load_state_dict_checked(self.model, ckpt["model"])
+        ema_state = ckpt["model_ema"]
+        self.ema = [ema_state[n].to(self.device).float().clone() for n, _ in self.model.named_parameters()]
+        if ckpt.get("optimizer") is not None:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = int(ckpt["step"])
+        if self.world == 1:
+            torch.set_rng_state(ckpt["rng_cpu"])
+            if torch.cuda.is_available() and ckpt["rng_cuda"]:
+                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+            self.generator.set_state(ckpt["generator"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # -- loop ----------------------------------------------------------------------------------
+    def train(self):
+        cfg = self.config
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and self.device.type == "cuda")
+        params = list(self.model.parameters())
+        writer = None
+        if cfg.tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(self.out / "tensorboard"))
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=not cfg.progress or self.rank != 0)
+        start, start_step = time.perf_counter(), self.step
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        while self.step < self.total_steps:
+            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+            latents, labels = self.load_batch(self.batch_indices(epoch, in_epoch))
+            lr = learning_rate(self.step, self.lr, self.warmup_steps, self.total_steps, cfg.lr_schedule, cfg.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                loss = self.wrapped(latents, labels, generator=self.generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            self.optimizer.step()
+            update_ema(self.ema, params, cfg.ema_rate)
+            self.step += 1
+            loss_value = loss.detach().float()
+            if self.world > 1:
+                dist.all_reduce(loss_value)
+                loss_value /= self.world
+            self.history.append(loss_value.item())
+            bar.update(1)
+            if self.step % cfg.log_every_steps == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - start
+                rate = (self.step - start_step) * self.global_batch / max(elapsed, 1e-9)
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else float("nan")
+                bar.set_postfix(loss=f"{self.history[-1]:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}", mem_gib=f"{peak:.2f}")
+                if writer is not None:
+                    for name, value in (("loss", self.history[-1]), ("lr", lr), ("images_per_s", rate), ("peak_mem_gib", peak)):
+                        writer.add_scalar(name, value, self.step)
+            if self.step % cfg.save_every_steps == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return self.history
