@@ -270,7 +270,6 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * 1000 + self.rank)
         self.model = build_model(config).to(self.device).train()
-        self.ema = [p.detach().clone().float() for p in self.model.parameters()]
         self.vae = None
         if dataset is not None:
             self.dataset = dataset
@@ -291,13 +290,19 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.max_steps)
         self.lr = config.lr or config.blr * self.global_batch / 256
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
-        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, config.weight_decay), lr=self.lr, betas=(0.9, 0.95))
-        self.step = 0
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        if config.resume and (self.out / "checkpoint-last.pth").is_file():
-            self.load_checkpoint(self.out / "checkpoint-last.pth")
-        self.wrapped = self._wrap(self.model)
+        ckpt_path = self.out / "checkpoint-last.pth"
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if config.resume and ckpt_path.is_file() else None
+        if ckpt is not None:
+            load_state_dict_checked(self.model, ckpt["model"])
+        self.wrapped = self._wrap(self.model)  # FSDP turns parameters into shards: optimizer and EMA come after
+        self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, config.weight_decay), lr=self.lr, betas=(0.9, 0.95))
+        self.ema = [p.detach().clone().float() for p in self.model.parameters()]
+        self.step = 0
+        if ckpt is not None:
+            self.restore(ckpt)
+            self.log(f"resumed from {ckpt_path} at step {self.step}")
         self.history = []
 
     def _wrap(self, model):
@@ -333,47 +338,83 @@ class Trainer:
         return x.float(), labels  # a dataset of ready latents (no flips: the caller's data may not allow them)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @property
+    def sharded(self):
+        return self.config.fsdp and self.world > 1
+
     def full_state_dict(self):
-        if self.config.fsdp and self.world > 1:
+        if self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def ema_state_dict(self):
-        names = [n for n, _ in self.model.named_parameters()]
-        state = {k: v.detach().cpu().clone() for k, v in self.full_state_dict().items()}
-        for name, value in zip(names, self.ema):
-            state[name] = value.detach().cpu().to(state[name].dtype).reshape(state[name].shape)
+    def ema_state_dict(self, model_state):
+        """The model state with EMA parameters (every rank takes part in gathering shards; with
+        FSDP only rank 0 gets the full dict)."""
+        state = dict(model_state)
+        for (name, _), value in zip(self.model.named_parameters(), self.ema):
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if name in state:
+                state[name] = full.detach().cpu().to(state[name].dtype).reshape(state[name].shape)
         return state
 
+    def optimizer_state_dict(self):
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.wrapped, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def rng_states(self):
+        """Every rank's random states (gathered to all ranks)."""
+        mine = {"cpu": torch.get_rng_state(), "generator": self.generator.get_state().cpu(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.empty(0, dtype=torch.uint8)}
+        if self.world == 1:
+            return [mine]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
     def save_checkpoint(self):
-        model_state, ema_state = self.full_state_dict(), self.ema_state_dict()
-        optimizer_state = self.optimizer.state_dict() if not (self.config.fsdp and self.world > 1) else None
+        model_state = self.full_state_dict()
+        ema_state = self.ema_state_dict(model_state)
+        optimizer_state, rng = self.optimizer_state_dict(), self.rng_states()
         if self.rank != 0:
             return
-        epoch = self.step // self.steps_per_epoch
-        ckpt = {"model": model_state, "model_ema": ema_state, "optimizer": optimizer_state, "epoch": epoch,
-                "step": self.step, "config": asdict(self.config), "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "generator": self.generator.get_state(), "model_config": self.model.config}
+        ckpt = {"model": model_state, "model_ema": ema_state, "optimizer": optimizer_state,
+                "epoch": self.step // self.steps_per_epoch, "step": self.step, "world_size": self.world,
+                "config": asdict(self.config), "rng": rng, "model_config": self.model.config}
         _atomic_torch_save(ckpt, self.out / "checkpoint-last.pth")
         write_pretrained(ema_state, self.model.config, self.out / "ema")
 
-    def load_checkpoint(self, path):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        load_state_dict_checked(self.model, ckpt["model"])
+    def restore(self, ckpt):
+        """Optimizer, EMA, step and RNG states from a checkpoint (model weights are loaded before wrapping)."""
+        if ckpt.get("world_size", 1) != self.world:
+            raise ValueError(f"the checkpoint was written by {ckpt.get('world_size', 1)} processes, this run has "
+                             f"{self.world}: exact resumption needs the same number")
         ema_state = ckpt["model_ema"]
-        self.ema = [ema_state[n].to(self.device).float().clone() for n, _ in self.model.named_parameters()]
-        if ckpt.get("optimizer") is not None:
+        for (name, p), ema in zip(self.model.named_parameters(), self.ema):
+            full = ema_state[name].to(self.device).float()
+            if hasattr(p, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            ema.copy_(full)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.wrapped, self.optimizer, optim_state_dict=ckpt["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.step = int(ckpt["step"])
-        if self.world == 1:
-            torch.set_rng_state(ckpt["rng_cpu"])
-            if torch.cuda.is_available() and ckpt["rng_cuda"]:
-                torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-            self.generator.set_state(ckpt["generator"])
-        self.log(f"resumed from {path} at step {self.step}")
+        rng = ckpt["rng"][self.rank]
+        torch.set_rng_state(rng["cpu"])
+        self.generator.set_state(rng["generator"])
+        if self.device.type == "cuda" and rng["cuda"].numel():
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # -- loop ----------------------------------------------------------------------------------
     def train(self):
