@@ -4,7 +4,8 @@
   is added to each collected benchmark here.
 - Options: --bench-quick (a small GPU subset), --bench-budget-s (wall-clock budget of the whole
   session; cases that would not fit are skipped with their estimated cost), --bench-target-s and
-  --bench-max-rounds (how long each provider of a case is timed).
+  --bench-max-rounds (how long each provider of a case is timed), --bench-mar-full-max-s and
+  --bench-mar-stride (when MAR cases are timed on a stratified subset of AR steps).
 - Machine metadata (pytest_benchmark_update_machine_info): NVML clocks, power, temperature and
   throttle reasons at the start and the end of the session, software versions and the attention
   backend; the measured roofline and the skipped cases go into the JSON's "marfast" entry.
@@ -39,6 +40,12 @@ def pytest_addoption(parser):
                     help="timed seconds per provider and case (default 1.0 on GPU, 1.2 on CPU)")
     group.addoption("--bench-max-rounds", type=int, default=None,
                     help="most timed rounds per provider and case (default 20 on GPU, 5 on CPU)")
+    group.addoption("--bench-mar-full-max-s", type=float, default=25.0,
+                    help="MAR cases whose eager reference is expected to take longer are timed on a stratified "
+                         "subset of AR steps (default 25)")
+    group.addoption("--bench-mar-stride", type=int, default=None,
+                    help="force the AR-step stride of the MAR cases (1: complete runs; default: from "
+                         "--bench-mar-full-max-s on GPU, 1 on CPU)")
 
 
 def pytest_configure(config):
@@ -93,6 +100,8 @@ def bench(request):
     if SESSION["budget"] is None:  # this conftest was loaded after the session started
         SESSION["budget"] = Budget(config.getoption("--bench-budget-s"))
     session = BenchSession(device, SESSION["budget"], target_s, max_rounds, quick=config.getoption("--bench-quick"))
+    session.options.update(mar_full_max_s=config.getoption("--bench-mar-full-max-s"),
+                           mar_stride=config.getoption("--bench-mar-stride"))
     SESSION["bench"] = session
     threads = torch.get_num_threads()
     if not on_gpu:

@@ -178,46 +178,56 @@ def transformer_block_flops(dim, tokens, mlp_ratio):
     return (8 + 4 * mlp_ratio) * dim**2 * tokens + 4 * tokens**2 * dim
 
 
-def mar_sampling_flops_per_image(config, num_iter, cfg_on):
+def mar_schedule(seq_len, num_iter):
+    """The reference AR schedule: per step (tokens known when it starts, tokens it predicts)."""
+    from marfast.mar import next_mask_len
+
+    steps, masked_now = [], seq_len
+    for step in range(num_iter):
+        masked_after = next_mask_len(seq_len, step, num_iter, masked_now) if step < num_iter - 1 else 0
+        steps.append((seq_len - masked_now, masked_now - masked_after))
+        masked_now = masked_after
+    return steps
+
+
+def mar_sampling_flops_per_image(config, num_iter, cfg_on, steps=None):
     """FLOPs to sample one image with `sample_tokens(num_iter=...)`, split by part.
 
     config: a MAR `model.config` dict (constructor keywords). Follows the reference schedule: at
     each AR step the encoder sees buffer + known tokens, the decoder buffer + seq_len; the head
-    denoises each token once per DDPM step; CFG doubles all. Returns {"encoder", "decoder", "head",
-    "total"} in FLOPs.
+    denoises each predicted token once per DDPM step; CFG doubles all. steps: the AR step indices
+    to count (default all). Returns {"encoder", "decoder", "head", "total"} in FLOPs.
     """
     from marfast.diffusion import parse_num_steps
-    from marfast.mar import next_mask_len
 
     seq_len = (config["img_size"] // config["vae_stride"] // config["patch_size"]) ** 2
     token_channels = config["vae_embed_dim"] * config["patch_size"] ** 2
     buffer, mlp_ratio = config["buffer_size"], config["mlp_ratio"]
+    ddpm_steps, width = parse_num_steps(config["num_sampling_steps"]), config["diffloss_w"]
+    head_per_token = ddpm_steps * head_flops_per_row_step(config["diffloss_d"], width, token_channels) \
+        + head_flops_per_row_call(width, config["decoder_embed_dim"])
+    schedule = mar_schedule(seq_len, num_iter)
     copies = 2 if cfg_on else 1
-    encoder = decoder = 0.0
-    masked_now = seq_len
-    for step in range(num_iter):
-        known = seq_len - masked_now
-        encoder += config["encoder_depth"] * transformer_block_flops(config["encoder_embed_dim"], buffer + known, mlp_ratio)
-        decoder += config["decoder_depth"] * transformer_block_flops(config["decoder_embed_dim"], buffer + seq_len,
-                                                                     mlp_ratio)
-        masked_now = next_mask_len(seq_len, step, num_iter, masked_now) if step < num_iter - 1 else 0
-    steps = parse_num_steps(config["num_sampling_steps"])
-    width = config["diffloss_w"]
-    head = seq_len * (steps * head_flops_per_row_step(config["diffloss_d"], width, token_channels)
-                      + head_flops_per_row_call(width, config["decoder_embed_dim"]))
-    parts = {"encoder": copies * encoder, "decoder": copies * decoder, "head": copies * head}
+    parts = {"encoder": 0.0, "decoder": 0.0, "head": 0.0}
+    for step in range(num_iter) if steps is None else steps:
+        known, predicted = schedule[step]
+        parts["encoder"] += copies * config["encoder_depth"] * transformer_block_flops(
+            config["encoder_embed_dim"], buffer + known, mlp_ratio)
+        parts["decoder"] += copies * config["decoder_depth"] * transformer_block_flops(
+            config["decoder_embed_dim"], buffer + seq_len, mlp_ratio)
+        parts["head"] += copies * predicted * head_per_token
     parts["total"] = sum(parts.values())
     return parts
 
 
-def mar_sampling_bytes(model, num_iter, weight_bytes_per_param):
-    """Lower bound on bytes moved by one `sample_tokens` call (any batch): the transformer weights
-    once per AR step and the head weights once per DDPM step of every AR step."""
+def mar_sampling_bytes(model, num_ar_steps, weight_bytes_per_param):
+    """Lower bound on bytes moved by `num_ar_steps` AR steps of sampling (any batch): the
+    transformer weights once per AR step and the head weights once per DDPM step of each."""
     blocks = list(model.encoder_blocks) + list(model.decoder_blocks)
     transformer_params = sum(p.numel() for block in blocks for p in block.parameters())
     head_params = sum(p.numel() for p in model.diffloss.net.parameters())
     steps = model.diffloss.num_sampling_steps
-    return float(num_iter * (transformer_params + steps * head_params) * weight_bytes_per_param)
+    return float(num_ar_steps * (transformer_params + steps * head_params) * weight_bytes_per_param)
 
 
 @dataclass
@@ -305,6 +315,7 @@ class BenchSession:
         self._roofline = None
         self.medians = {}
         self.cache = {}
+        self.options = {}
         self.last_samples_s = []
 
     @property

@@ -5,6 +5,7 @@ metadata collection never fails a benchmark run (CPU machines have no NVML at al
 """
 import importlib
 import importlib.metadata
+import os
 import platform
 
 import torch
@@ -176,6 +177,7 @@ def software_info():
         "flash_attn_4": _package_version("flash-attn-4"),
         "marfast": marfast_version,
         "attention_backend": attention_backend(),
+        "marfast_env": {key: value for key, value in sorted(os.environ.items()) if key.startswith("MARFAST_")},
         "cuda_available": torch.cuda.is_available(),
     }
     if torch.cuda.is_available():

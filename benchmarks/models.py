@@ -9,6 +9,7 @@ import torch
 
 import marfast.diffloss as diffloss_module
 from marfast import DiffLoss
+from marfast.mar import mask_by_order, next_mask_len
 
 TOKEN_CHANNELS = 16
 DDPM_STEPS = 100
@@ -127,6 +128,87 @@ def resolve_fast_sampler(model):
     public = sorted(name for name in vars(sampler) if not name.startswith("_"))
     return None, ("marfast.sampler exists but has no sample_tokens_fast(model, ...); "
                   f"public names: {', '.join(public)}")
+
+
+def masked_before_steps(seq_len, num_iter):
+    """Masked token count when each AR step of the reference schedule starts: list [num_iter]."""
+    counts, masked_now = [], seq_len
+    for step in range(num_iter):
+        counts.append(masked_now)
+        masked_now = next_mask_len(seq_len, step, num_iter, masked_now)
+    return counts
+
+
+@torch.no_grad()
+def reference_ar_steps(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
+    """Run only the AR steps `steps` of `model.sample_tokens(bsz, num_iter, ...)`, each with the shapes
+    and mask state the complete loop has when it reaches that step: the body of the reference loop,
+    step by step (the mask of a step is rebuilt from the orders, one extra scatter per step; token
+    values are zeros, which does not change the cost). Returns tokens [bsz, L, Ct].
+    """
+    seq_len = model.seq_len
+    masked_before = masked_before_steps(seq_len, num_iter)
+    orders = model.sample_orders(bsz)
+    tokens = torch.zeros(bsz, seq_len, model.token_embed_dim, device=model.device)
+    for step in steps:
+        masked_now = masked_before[step]
+        mask = mask_by_order(masked_now, orders).float()
+        cur_tokens = tokens.clone()
+        class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
+        enc_tokens, enc_mask = tokens, mask
+        if cfg != 1.0:
+            enc_tokens = torch.cat([tokens, tokens])
+            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+            enc_mask = torch.cat([mask, mask])
+        x = model.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
+        z = model.forward_mae_decoder(x, enc_mask)
+        mask_len = next_mask_len(seq_len, step, num_iter, masked_now)
+        mask_next = mask_by_order(mask_len, orders)
+        mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
+        if cfg != 1.0:
+            z = torch.cat([z[:bsz][mask_to_pred], z[bsz:][mask_to_pred]])
+        else:
+            z = z[mask_to_pred]
+        sampled = model.diffloss.sample(z, temperature, model.cfg_for_step(cfg, cfg_schedule, mask_len),
+                                        clip_x0=model.sample_clip)
+        if cfg != 1.0:
+            sampled = sampled[: sampled.shape[0] // 2]
+        cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
+        tokens = cur_tokens
+    return tokens
+
+
+def resolve_fast_ar_steps(model):
+    """(callable(bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps), None) running only the
+    AR steps `steps` of the fast loop (marfast.sampler's plan_steps + run_ar_loop over those steps'
+    plans), or (None, reason)."""
+    try:
+        sampler = importlib.import_module("marfast.sampler")
+    except ModuleNotFoundError as error:
+        if error.name != "marfast.sampler":
+            raise
+        return None, "no marfast.sampler module"
+    missing = [name for name in ("plan_steps", "run_ar_loop") if not callable(getattr(sampler, name, None))]
+    if missing:
+        return None, f"marfast.sampler has no {', '.join(missing)} (needed to time a subset of AR steps)"
+    graphs_requested = getattr(sampler, "cuda_graphs_requested", lambda: False)
+
+    @torch.no_grad()
+    def run(bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
+        plans = sampler.plan_steps(model, num_iter, cfg, cfg_schedule)
+        tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
+        orders = model.sample_orders(bsz)
+        class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
+        if cfg != 1.0:
+            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+        extra = {}
+        if graphs_requested():
+            extra["graphs"] = sampler.step_graphs_for(model, bsz, cfg != 1.0)
+        sampler.run_ar_loop(model, tokens, orders, class_embedding, [plans[step] for step in steps], temperature,
+                            **extra)
+        return tokens
+
+    return run, None
 
 
 def require_finite_tokens(rows, channels):

@@ -118,7 +118,9 @@ def case_label(row):
     if case == "head_sample":
         return f"head {params.get('head')}, {params.get('rows')} rows"
     if case == "mar_sample":
-        return f"{params.get('model')} b{params.get('batch')}, {params.get('num_iter')} AR steps"
+        label = f"{params.get('model')} b{params.get('batch')}, {params.get('num_iter')} AR steps"
+        stride = (row.get("timing") or {}).get("stride", 1)
+        return label + (f" (every {stride}th step timed, images/s estimated)" if stride > 1 else "")
     simple = [f"{PARAM_LABELS.get(k, k)}={v}" for k, v in params.items() if isinstance(v, (int, float, str))]
     return f"{case}: " + ", ".join(simple) if simple else case
 

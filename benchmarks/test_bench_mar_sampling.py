@@ -8,9 +8,15 @@ at every DDPM step; the fused head computes in its weights' dtype). Random weigh
 not depend on their values. CPU: a tiny MAR (16 tokens, 1+1 blocks, 2x64 head, 10 DDPM steps) at
 batch 1 and 4, 4 and 8 AR steps, fp32.
 
-Every timed call is one complete `sample_tokens` run: nothing is extrapolated. Cases that would
-not fit the session budget (--bench-budget-s) are skipped with their estimated cost; run them in
-calls of their own with -k (e.g. -k "mar_huge and iters256").
+Small configurations are timed as complete `sample_tokens` runs. A configuration whose eager
+reference is expected to take longer than --bench-mar-full-max-s (default 25 s) is timed on a
+stratified subset of its AR steps instead, the same subset for every provider: with stride s, steps
+s/2, s/2 + s, ... each run with the shapes and mask state the complete loop has at that step. The
+FLOPs and bytes of exactly those steps give TFLOP/s and the roofline fraction, the speedups compare
+the same steps, and images/s is estimated as batch / (s x the subset's time); extra_info["timing"]
+says which steps ran. --bench-mar-stride forces a stride (1: complete runs). Cases that would not
+fit the session budget (--bench-budget-s) are skipped with their estimated cost; run them in calls
+of their own with -k (e.g. -k "test_mar_sample_tokens and mar_huge").
 
 Providers, side by side in one run (reference first):
 - reference_eager: `MAR.sample_tokens`, the reference loop, with the reference head (backend "torch");
@@ -29,7 +35,7 @@ from marfast import MAR, mar_base, mar_huge, mar_large
 
 from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
 from .models import (DDPM_STEPS, RELEASED_CFG, TINY_MAR_CONFIG, fused_head_absence, randomize_,
-                     resolve_fast_sampler)
+                     reference_ar_steps, resolve_fast_ar_steps, resolve_fast_sampler)
 
 FUSED_HEAD = "marfast_fused_head"
 PROVIDERS = (REFERENCE, FUSED_HEAD, FUSED)
@@ -156,6 +162,14 @@ def _expected_reference_s(model, flops, num_iter, roofline):
     return launches_s + flops / (0.35 * roofline.matmul_tflops * 1e12)
 
 
+def choose_stride(expected_s, num_iter, full_max_s):
+    """Power-of-two stride that brings the expected time under full_max_s, timing >= 4 AR steps."""
+    stride = 1
+    while expected_s / stride > full_max_s and 2 * stride <= num_iter // 4:
+        stride *= 2
+    return stride
+
+
 @pytest.mark.parametrize("name, batch, num_iter, provider", _cases())
 @torch.no_grad()
 def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
@@ -163,77 +177,114 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
     cfg = RELEASED_CFG.get(name, 3.0)
     labels = torch.arange(batch, device=bench.device) % model.num_classes
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bench.on_gpu else contextlib.nullcontext()
+    case_key = f"mar_sample/{name}/b{batch}/iters{num_iter}"
+    full_flops = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True)["total"] * batch
+    expected_ref = _expected_reference_s(model, full_flops, num_iter, bench.roofline) if bench.on_gpu else None
+    stride = bench.options.get("mar_stride")
+    if stride is None:
+        stride = choose_stride(expected_ref, num_iter, bench.options["mar_full_max_s"]) if bench.on_gpu else 1
+    steps = list(range(stride // 2, num_iter, stride)) if stride > 1 else None
 
+    fast = fast_steps = None
     if provider == REFERENCE:
-        model.diffloss.backend = "torch"
-        sampler, detail = model.sample_tokens, "MAR.sample_tokens (reference loop), reference head"
+        backend, detail = "torch", "reference loop (MAR.sample_tokens), reference head"
     elif provider == FUSED_HEAD:
         if not bench.on_gpu:
             pytest.skip("the fused head is timed on CUDA only (the Triton CPU interpreter is a correctness tool)")
-        model.diffloss.backend = "triton"
+        model.diffloss.backend = backend = "triton"
         with autocast:
             reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, bench.device, torch.float32, cfg)
         if reason:
             pytest.skip(reason)
-        sampler, detail = model.sample_tokens, "MAR.sample_tokens (reference loop), DiffLoss backend 'triton'"
+        detail = "reference loop (MAR.sample_tokens), DiffLoss backend 'triton'"
     else:
+        backend = "auto"
         fast, description = resolve_fast_sampler(model)
         if fast is None:
             pytest.skip(description)
-        model.diffloss.backend = "auto"
-        sampler, detail = fast, f"{description}, DiffLoss backend 'auto'"
+        detail = f"fast loop ({description}), DiffLoss backend 'auto'"
+        if steps is not None:
+            fast_steps, reason = resolve_fast_ar_steps(model)
+            if fast_steps is None:
+                pytest.skip(f"stride {stride} needs AR-step timing of the fast loop: {reason}")
+    model.diffloss.backend = backend
 
     def sample_call(bsz=batch, iters=num_iter):
         with autocast:
-            return sampler(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz],
-                           temperature=1.0)
+            if provider == FUSED:
+                return fast(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz], temperature=1.0)
+            return model.sample_tokens(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz],
+                                       temperature=1.0)
+
+    def steps_call(step_list=steps):
+        with autocast:
+            if provider == FUSED:
+                return fast_steps(batch, num_iter, cfg, "linear", labels, 1.0, step_list)
+            return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, step_list)
 
     def reference_call():
-        backend, model.diffloss.backend = model.diffloss.backend, "torch"
+        previous, model.diffloss.backend = model.diffloss.backend, "torch"
         try:
             with autocast:
-                return model.sample_tokens(bsz=batch, num_iter=num_iter, cfg=cfg, cfg_schedule="linear",
-                                           labels=labels, temperature=1.0)
+                if steps is None:
+                    return model.sample_tokens(bsz=batch, num_iter=num_iter, cfg=cfg, cfg_schedule="linear",
+                                               labels=labels, temperature=1.0)
+                return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, steps)
         finally:
-            model.diffloss.backend = backend
+            model.diffloss.backend = previous
 
-    flops_parts = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True)
+    timed_steps = num_iter if steps is None else len(steps)
+    flops_parts = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True, steps=steps)
     weight_bytes = 2 if bench.on_gpu else 4
-    work = Work(flops=flops_parts["total"] * batch, bytes_min=mar_sampling_bytes(model, num_iter, weight_bytes),
-                items=batch, unit="images/s", other_items={"tokens/s": batch * model.seq_len})
+    work = Work(flops=flops_parts["total"] * batch, bytes_min=mar_sampling_bytes(model, timed_steps, weight_bytes),
+                items=batch / stride, unit="images/s", other_items={"tokens/s": batch * model.seq_len / stride})
     params = {"model": name, "batch": batch, "num_iter": num_iter, "ddpm_steps": model.diffloss.num_sampling_steps,
               "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0,
               "precision": "bf16 autocast, fp32 transformer weights, bf16 head weights" if bench.on_gpu else "fp32",
               "head": f"{model.diffloss.net.num_res_blocks}x{model.diffloss.net.model_channels}",
-              "tflop_per_image": {part: value / 1e12 for part, value in flops_parts.items()}}
+              "timed_tflop_per_image": {part: value / 1e12 for part, value in flops_parts.items()}}
+    if steps is None:
+        timing = {"mode": "complete sample_tokens runs", "stride": 1}
+    else:
+        timing = {"mode": "stratified AR steps", "stride": stride, "timed_steps": steps,
+                  "timed_flop_fraction": flops_parts["total"] * batch / full_flops,
+                  "estimate": f"images/s = batch / ({stride} x measured time of the {len(steps)} timed steps)"}
 
-    def check(latents):
-        expected = (batch, model.vae_embed_dim, model.seq_h, model.seq_w)
-        if tuple(latents.shape) != expected:
-            raise AssertionError(f"expected latents {expected}, got {tuple(latents.shape)}")
-        if not torch.isfinite(latents).all():
-            raise AssertionError("the sampled latents contain NaN or inf")
+    def check(result):
+        expected = (batch, model.vae_embed_dim, model.seq_h, model.seq_w) if steps is None \
+            else (batch, model.seq_len, model.token_embed_dim)
+        if tuple(result.shape) != expected:
+            raise AssertionError(f"expected {expected}, got {tuple(result.shape)}")
+        if not torch.isfinite(result).all():
+            raise AssertionError("the sampled tokens contain NaN or inf")
 
-    case_key = f"mar_sample/{name}/b{batch}/iters{num_iter}"
-    warmup_calls, expected_s, expected_ref = None, None, None
-    notes = ["every timed call is a complete sample_tokens run"]
+    fn = sample_call if steps is None else steps_call
+    warmup_calls, expected_s = None, None
+    reference_expected = None if expected_ref is None else expected_ref / stride
+    notes = ["complete sample_tokens runs" if steps is None else f"timed AR steps {steps[0]}, {steps[0] + stride}, ... "
+             f"of {num_iter} (stride {stride}); images/s is an estimate, TFLOP/s and % roofline are measured "
+             "on exactly those steps"]
     if bench.on_gpu:
-        expected_ref = _expected_reference_s(model, work.flops, num_iter, bench.roofline)
         if provider == REFERENCE:
-            bench.budget.require(expected_ref, f"{case_key} [{provider}]")
-            bench.measure(lambda: sample_call(min(batch, 2), 2))
-            warmup_calls, expected_s = 0, expected_ref
-            notes.append("warm-up: one 2-AR-step call at batch <= 2 (the eager reference has nothing to compile)")
+            bench.budget.require(reference_expected, f"{case_key} [{provider}]")
+            if steps is None:
+                bench.measure(lambda: sample_call(min(batch, 2), 2))
+            else:
+                bench.measure(lambda: steps_call(steps[:1]))
+            warmup_calls, expected_s = 0, reference_expected
+            notes.append("warm-up: one short call (2 AR steps at batch <= 2, or the first timed step); "
+                         "the eager reference has nothing to compile")
         else:
-            warmup_calls, expected_s = 1, bench.medians.get((case_key, REFERENCE), expected_ref)
+            warmup_calls, expected_s = 1, bench.medians.get((case_key, REFERENCE), reference_expected)
             notes.append("warm-up: one complete call (compilation, CUDA-graph capture)")
 
     timer = HeadTimer(model, bench.device)
     info = bench.run_case(benchmark, case="mar_sample", case_key=case_key, provider=provider, provider_detail=detail,
-                          fn=timer.wrap(sample_call), work=work, params=params, warmup_calls=warmup_calls,
+                          fn=timer.wrap(fn), work=work, params=params, warmup_calls=warmup_calls,
                           expected_s=expected_s, target_s=(3 if bench.on_gpu else 1) * bench.target_s,
                           check_output=check, notes=notes, reference_fn=reference_call,
-                          reference_warmup_calls=0 if bench.on_gpu else None, reference_expected_s=expected_ref)
-    benchmark.extra_info["time_split"] = timer.split(info["rounds"], bench.last_samples_s, num_iter)
+                          reference_warmup_calls=0 if bench.on_gpu else None, reference_expected_s=reference_expected)
+    benchmark.extra_info["timing"] = timing
+    benchmark.extra_info["time_split"] = timer.split(info["rounds"], bench.last_samples_s, timed_steps)
     attention = getattr(model.encoder_blocks[0].attn, "last_backend", None)
     benchmark.extra_info["attention_backend"] = attention if attention is not None else "not reported by the model"

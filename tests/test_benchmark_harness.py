@@ -124,10 +124,69 @@ def test_pytest_benchmark_records_device_clock_times(benchmark):
     work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
     info = session.run_case(benchmark, case="matmul", case_key="matmul/64", provider=harness.REFERENCE,
                             fn=lambda: a @ a, work=work, params={"n": 64}, warmup_calls=1)
-    assert info["rounds"] == 4 and session.last_samples_s == session.clock.samples_s[-4:]
+    rounds = 4 if benchmark.enabled else 1  # --benchmark-disable runs the target once
+    assert info["rounds"] == rounds and session.last_samples_s == session.clock.samples_s[-rounds:]
     assert info["median_s"] == pytest.approx(statistics.median(session.last_samples_s))
     assert info["speedup_vs_reference"] == 1.0 and info["throughput"] == pytest.approx(1 / info["median_s"])
     assert info["tflops_per_s"] == pytest.approx(2 * 64**3 / info["median_s"] / 1e12)
     assert benchmark.extra_info["case_key"] == "matmul/64"
     if benchmark.stats is not None:  # None under --benchmark-disable
         assert benchmark.stats.stats.data == pytest.approx(session.last_samples_s)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run ~30x faster on one thread than on two busy cores (thread contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_mar_model():
+    from benchmarks.models import TINY_MAR_CONFIG, randomize_
+    from marfast import MAR
+
+    torch.manual_seed(0)
+    return randomize_(MAR(**TINY_MAR_CONFIG), seed=1).eval()
+
+
+def test_reference_ar_steps_over_all_steps_reproduce_sample_tokens(one_thread):
+    """The step-by-step replica used for stratified timing runs the reference loop's work exactly."""
+    from benchmarks.models import reference_ar_steps
+
+    model = tiny_mar_model()
+    labels = torch.tensor([1, 7])
+    torch.manual_seed(3)
+    expected = model.sample_tokens(bsz=2, num_iter=5, cfg=2.5, labels=labels, temperature=1.0)
+    torch.manual_seed(3)
+    tokens = reference_ar_steps(model, 2, 5, 2.5, "linear", labels, 1.0, range(5))
+    assert torch.equal(model.unpatchify(tokens), expected)
+
+
+def test_fast_ar_steps_over_all_steps_reproduce_the_fast_loop(one_thread):
+    from benchmarks.models import resolve_fast_ar_steps, resolve_fast_sampler
+
+    model = tiny_mar_model()
+    fast, why = resolve_fast_sampler(model)
+    steps_runner, why_steps = resolve_fast_ar_steps(model)
+    if fast is None or steps_runner is None:
+        pytest.skip(f"no fast MAR loop to compare: {why or why_steps}")
+    labels = torch.tensor([4, 2, 9])
+    torch.manual_seed(5)
+    expected = fast(bsz=3, num_iter=4, cfg=3.0, cfg_schedule="linear", labels=labels, temperature=1.0)
+    torch.manual_seed(5)
+    tokens = steps_runner(3, 4, 3.0, "linear", labels, 1.0, range(4))
+    assert torch.equal(model.unpatchify(tokens), expected)
+
+
+def test_stratified_steps_count_exactly_their_share_of_the_work():
+    config = released_config("mar_base")
+    full = harness.mar_sampling_flops_per_image(config, 64, cfg_on=True)
+    strata = [harness.mar_sampling_flops_per_image(config, 64, cfg_on=True, steps=range(offset, 64, 8))
+              for offset in range(8)]
+    for part in full:
+        assert sum(s[part] for s in strata) == pytest.approx(full[part])
+    known_and_predicted = harness.mar_schedule(256, 64)
+    assert sum(predicted for _, predicted in known_and_predicted) == 256
+    assert known_and_predicted[0] == (0, known_and_predicted[1][0])

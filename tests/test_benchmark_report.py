@@ -43,6 +43,8 @@ def results_json(tmp_path):
         mar_row(1, "reference_eager", 6.0, 1.0),
         mar_row(1, "marfast_fused", 0.5, 12.0),
         mar_row(256, "reference_eager", 12.0, 1.0),
+        {**mar_row(256, "marfast_fused", 1.0, 3.5), "case_key": "mar_sample/mar_base/b256/iters256",
+         "params": {"model": "mar_base", "batch": 256, "num_iter": 256}, "timing": {"stride": 8}},
     ]
     data = {
         "machine_info": {"marfast": {
@@ -74,7 +76,7 @@ def test_markdown_table_lists_every_result_with_its_numbers(results_json):
                  "sdpa_flash", "800 TFLOP/s bfloat16 matmul", "3000 GB/s copy"):
         assert part in header, part
     rows = table_rows(markdown)
-    assert len(rows) == 8  # the benchmark without marfast extra_info is left out
+    assert len(rows) == 9  # the benchmark without marfast extra_info is left out
     assert rows[0].startswith("| head 6x1024, 8 rows | reference_eager | 150 ms (±2%) |")
     fused_8 = next(r for r in rows if "8 rows" in r and "marfast_fused" in r)
     cells = [c.strip() for c in fused_8.strip("|").split("|")]
@@ -83,9 +85,10 @@ def test_markdown_table_lists_every_result_with_its_numbers(results_json):
     assert cells[4] == f"{8 * 100 * 2 * 32 * 1024**2 / 0.010 / 1e12:.3g}"
     assert cells[5].endswith("(compute)")
     assert cells[6] == "15.00x"
-    mar_rows = [r for r in rows if "mar_base" in r]
+    mar_rows = [r for r in rows if "mar_base" in r and "64 AR steps" in r]
     assert [r.split("|")[2].strip() for r in mar_rows] == ["reference_eager", "marfast_fused", "reference_eager"]
     assert "12.00x" in mar_rows[1] and "2 images/s" in mar_rows[1]
+    assert "| mar_base b256, 256 AR steps (every 8th step timed, images/s estimated) | marfast_fused |" in markdown
     assert "Skipped in this run (1)" in markdown and "needs about 30 s" in markdown
 
 
@@ -95,9 +98,10 @@ def test_summary_has_one_row_per_case_with_speedups(results_json):
     assert lines[0] == ("| case | reference_eager | torch_compile | marfast_fused | torch_compile speedup | "
                         "marfast_fused speedup | torch_compile % roofline | marfast_fused % roofline |")
     body = lines[2:]
-    assert len(body) == 4
+    assert len(body) == 5
     assert body[0].startswith("| head 6x1024, 8 rows | 150 ms | 60 ms | 10 ms | 2.50x | 15.00x |")
     assert body[3].startswith("| mar_base b256, 64 AR steps | 12 s | - | - | - | - |")
+    assert body[4].startswith("| mar_base b256, 256 AR steps (every 8th step timed, images/s estimated) | - | - | 1 s |")
 
 
 def test_update_readme_replaces_only_the_marked_section(results_json, tmp_path):
@@ -123,6 +127,7 @@ def test_plots_are_written_per_configuration(results_json, tmp_path):
     written = report.write_plots(report.load_results(results_json), tmp_path / "plots")
     names = sorted(path.name for path in written)
     assert names == ["nvidia-h100-80gb-hbm3-head-sample-head-6x1024.png",
+                     "nvidia-h100-80gb-hbm3-mar-sample-model-mar-base-ar-steps-256.png",
                      "nvidia-h100-80gb-hbm3-mar-sample-model-mar-base-ar-steps-64.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
