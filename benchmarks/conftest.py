@@ -40,9 +40,9 @@ def pytest_addoption(parser):
                     help="timed seconds per provider and case (default 1.0 on GPU, 1.2 on CPU)")
     group.addoption("--bench-max-rounds", type=int, default=None,
                     help="most timed rounds per provider and case (default 20 on GPU, 5 on CPU)")
-    group.addoption("--bench-mar-full-max-s", type=float, default=25.0,
+    group.addoption("--bench-mar-full-max-s", type=float, default=10.0,
                     help="MAR cases whose eager reference is expected to take longer are timed on a stratified "
-                         "subset of AR steps (default 25)")
+                         "subset of AR steps (default 10)")
     group.addoption("--bench-mar-stride", type=int, default=None,
                     help="force the AR-step stride of the MAR cases (1: complete runs; default: from "
                          "--bench-mar-full-max-s on GPU, 1 on CPU)")

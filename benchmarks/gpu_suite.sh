@@ -6,8 +6,8 @@
 #
 # usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--out DIR] [--seconds N]
 #                                [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
-#   --quick       the quick benchmark subset (--bench-quick): rows 8 and 4096 for the heads,
-#                 mar_base at batch 1 and 256 with 64 AR steps
+#   --quick       the quick benchmark subset (--bench-quick): head 6x1024 at 8 and 4096 rows and
+#                 12x1536 at 4096 rows, mar_base at batch 1 and 256 with 64 AR steps
 #   --no-tests    skip the GPU parity tests; --tests-only: run only them
 #   --out DIR     where results go (default: $OUT if set, else benchmarks/results/)
 #   --seconds N   wall-clock limit of the whole call (default 530; env MARFAST_SUITE_SECONDS)

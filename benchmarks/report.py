@@ -7,8 +7,9 @@
   achieved TFLOP/s, fraction of the measured roofline and speedup over the reference eager path
   measured in the same run; a header line gives device, date and versions. It is printed, written
   to --markdown, and/or placed between the `<!-- perf-table:start -->` and `<!-- perf-table:end -->`
-  markers of --update-readme. --summary prints a shorter table instead: one row per case with
-  every provider's median, speedup and fraction of the roofline.
+  markers of --update-readme (which refuses CPU results unless --allow-cpu). --summary prints (and
+  puts in the README) a shorter table instead: one row per case with every provider's median,
+  speedup and fraction of the roofline.
 - --plots writes PNGs: throughput against rows or batch, and the fraction of the roofline, one
   figure per case and configuration. Plotting needs matplotlib (not a marfast dependency); without
   it the tables are still written and a message says that the plots were skipped.
@@ -307,7 +308,10 @@ def main(argv=None):
     parser.add_argument("--update-readme", help="replace the perf-table section of this markdown file")
     parser.add_argument("--quiet", action="store_true", help="do not print the tables")
     parser.add_argument("--summary", action="store_true",
-                        help="print a short table instead (one row per case: medians, speedups, % roofline)")
+                        help="print (and put in --update-readme) a short table instead: one row per case with "
+                             "medians, speedups and % roofline")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="let --update-readme publish CPU results (for testing; they are not performance results)")
     args = parser.parse_args(argv)
     try:
         all_results = [load_results(path) for path in collect_paths(args.inputs)]
@@ -315,15 +319,19 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     tables = "\n".join(markdown_table(results) for results in all_results)
-    if args.summary:
-        print("\n".join(header_line(results) + "\n\n" + summary_table(results) for results in all_results))
-    elif not args.quiet:
-        print(tables)
+    summaries = "\n".join(header_line(results) + "\n\n" + summary_table(results) for results in all_results)
+    if not args.quiet:
+        print(summaries if args.summary else tables)
     if args.markdown:
         Path(args.markdown).write_text(tables)
     if args.update_readme:
+        cpu_files = [r["path"] for r in all_results if any(row.get("device") == "cpu" for row in r["rows"])]
+        if cpu_files and not args.allow_cpu:
+            print(f"error: refusing to publish CPU timings in {args.update_readme} ({', '.join(cpu_files)}); "
+                  "--allow-cpu overrides this for testing", file=sys.stderr)
+            return 2
         try:
-            update_readme(args.update_readme, tables)
+            update_readme(args.update_readme, summaries if args.summary else tables)
         except ResultsError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

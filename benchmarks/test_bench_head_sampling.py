@@ -26,7 +26,7 @@ from .models import (DDPM_STEPS, RELEASED_HEADS, TINY_HEAD, build_head, fused_he
 CFG = 3.0
 ON_GPU = torch.cuda.is_available()
 GPU_ROWS = (8, 64, 512, 4096, 16384)
-QUICK_ROWS = (8, 4096)
+QUICK = {("6x1024", 8), ("6x1024", 4096), ("12x1536", 4096)}
 
 
 def _cases():
@@ -36,7 +36,7 @@ def _cases():
     cases = []
     for spec in RELEASED_HEADS:
         for rows in GPU_ROWS:
-            marks = () if rows in QUICK_ROWS else (pytest.mark.bench_extended,)
+            marks = () if (spec.name, rows) in QUICK else (pytest.mark.bench_extended,)
             for provider in PROVIDER_ORDER:
                 cases.append(pytest.param(spec, rows, provider, marks=marks, id=f"{spec.name}-rows{rows}-{provider}"))
     return cases

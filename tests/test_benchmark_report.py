@@ -114,6 +114,23 @@ def test_update_readme_replaces_only_the_marked_section(results_json, tmp_path):
     assert text.count("| head 6x1024, 8 rows | marfast_fused |") == 1
 
 
+def test_update_readme_refuses_cpu_results(results_json, tmp_path, capsys):
+    data = json.loads(results_json.read_text())
+    for bench in data["benchmarks"]:
+        if bench["extra_info"]:
+            bench["extra_info"]["device"] = "cpu"
+    cpu_json = tmp_path / "cpu.json"
+    cpu_json.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    original = f"{report.START_MARKER}\nkeep\n{report.END_MARKER}\n"
+    readme.write_text(original)
+    assert report.main([str(cpu_json), "--quiet", "--update-readme", str(readme)]) == 2
+    assert "refusing to publish CPU timings" in capsys.readouterr().err
+    assert readme.read_text() == original
+    assert report.main([str(cpu_json), "--quiet", "--summary", "--allow-cpu", "--update-readme", str(readme)]) == 0
+    assert "| head 6x1024, 8 rows | 150 ms |" in readme.read_text()
+
+
 def test_update_readme_without_markers_is_an_error(results_json, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("no markers here\n")
