@@ -267,6 +267,11 @@ class DiffLoss(nn.Module):
         generator: torch.Generator on z's device for all draws. clip_x0: optional (lo, hi) clamp
         of the x0 prediction (off by default, as in the official code). Returns the state dtype
         (float32, or float64 for float64 z).
+
+        With the Triton backend (`backend_for(z.device) == "triton"`) the loop runs fused
+        (`fused_head.ddpm_sample_loop_fused`, float32 state, float64 z rejected): the per-step
+        noise is drawn up front as one [S, B, C] tensor (another stream of draws than the
+        reference's, same distribution), and with CFG the second half repeats the first.
         """
         check_float_tensor("z", z, 2, self.z_channels)
         temperature = check_temperature(temperature)
@@ -283,6 +288,12 @@ class DiffLoss(nn.Module):
         x = noise.to(device=z.device, dtype=state_dtype)
         if cfg != 1.0:
             x = torch.cat([x, x])
+        if self.backend_for(z.device) == "triton":
+            from .fused_head import ddpm_sample_loop_fused
+
+            step_noise = torch.randn(self.gen_diffusion.num_timesteps, half, self.in_channels, device=z.device,
+                                     dtype=state_dtype, generator=generator)
+            return ddpm_sample_loop_fused(self.net, self.gen_diffusion, z, x, temperature, cfg, step_noise, clip_x0)
 
         def draw_noise(step):
             return torch.randn(rows, self.in_channels, device=z.device, dtype=state_dtype, generator=generator)

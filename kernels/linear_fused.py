@@ -1,0 +1,453 @@
+"""Fused GEMM of the diffusion head's sampling path: out = epilogue(prologue(A) @ W^T + b).
+
+One Triton kernel, `_linear_fused_kernel`, with constexpr-selected stages:
+
+prologue on A [M, K] (applied to each [BLOCK_M, BLOCK_K] tile in registers before the dot):
+  NONE        A as stored (any float dtype), cast to the weight dtype;
+  LN_MODULATE ((A - mean) * rstd [* ln_weight + ln_bias]) * (1 + scale) + shift, in fp32, where
+              A is the fp32 residual stream, mean/rstd come from the per-group LayerNorm partial
+              statistics written by the kernel that produced A (see "statistics"), and shift/scale
+              are per-row [M, K] views into the adaLN modulation buffer.
+epilogue on the fp32 accumulator [BLOCK_M, BLOCK_N] (bias in fp32 first):
+  BIAS            y = acc + b
+  BIAS_SILU       y = SiLU(acc + b)
+  GATED_RESIDUAL  y = residual + gate * (acc + b)     (residual fp32, gate a per-row view)
+optional epilogue side outputs:
+  statistics  for each row and each STATS_GROUP-column group of y: (mean, sum of squared
+              deviations from that mean), fp32 [M, cdiv(N, STATS_GROUP), 2]; a consumer combines the
+              groups exactly (Chan's parallel formula) into the row's LayerNorm mean and variance.
+  silu_cond   silu_out = SiLU(time_row + cond) for the tile's [rows, cols] (the adaLN input of the
+              diffusion step, emitted by the input projection, which has the same [M, W] tiling).
+
+Accumulation is fp32; the dot inputs are the weight dtype (fp32, bf16 or fp16). fp32 dots follow
+torch's matmul precision setting (IEEE under "highest", TF32 otherwise), as cuBLAS does.
+
+Launchers (the model layer calls only these): `linear`, `input_projection`,
+`linear_ln_modulate_silu`, `linear_gated_residual`. On CUDA each distinct (kernel variant, M, N, K,
+dtype) is tuned once over a few block configurations, timed with CUDA events, outside any CUDA
+graph capture; under the Triton interpreter one small configuration runs.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+STATS_GROUP = 32
+STATS_CHUNK = 16
+GROUP_M = 8
+
+PROLOGUE_NONE = 0
+PROLOGUE_LN_MODULATE = 1
+PROLOGUE_LN_AFFINE_MODULATE = 2
+
+EPILOGUE_BIAS = 0
+EPILOGUE_BIAS_SILU = 1
+EPILOGUE_GATED_RESIDUAL = 2
+
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
+                         BLOCK_M: tl.constexpr, STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr):
+    """Row mean and 1/sqrt(var + eps) [BLOCK_M] from per-group (mean, M2) statistics.
+
+    stats: fp32 [rows, cdiv(width, STATS_GROUP), 2]; group g holds min(STATS_GROUP, width - g*G)
+    columns. Two passes over the (small) statistics: the mean first, then the centred M2 sum.
+    """
+    num_groups = tl.cdiv(width, STATS_GROUP)
+    row_base = stats_ptr + rows.to(tl.int64)[:, None] * stride_stats_m
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for g0 in range(0, num_groups, STATS_CHUNK):
+        groups = g0 + tl.arange(0, STATS_CHUNK)
+        counts = tl.minimum(tl.maximum(width - groups * STATS_GROUP, 0), STATS_GROUP).to(tl.float32)
+        ok = row_ok[:, None] & (groups < num_groups)[None, :]
+        group_mean = tl.load(row_base + groups[None, :] * 2, mask=ok, other=0.0)
+        total += tl.sum(group_mean * counts[None, :], axis=1)
+    mean = total / width
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for g0 in range(0, num_groups, STATS_CHUNK):
+        groups = g0 + tl.arange(0, STATS_CHUNK)
+        counts = tl.minimum(tl.maximum(width - groups * STATS_GROUP, 0), STATS_GROUP).to(tl.float32)
+        ok = row_ok[:, None] & (groups < num_groups)[None, :]
+        group_mean = tl.load(row_base + groups[None, :] * 2, mask=ok, other=0.0)
+        group_m2 = tl.load(row_base + groups[None, :] * 2 + 1, mask=ok, other=0.0)
+        delta = group_mean - mean[:, None]
+        m2 += tl.sum(tl.where(ok, group_m2 + counts[None, :] * delta * delta, 0.0), axis=1)
+    rstd = tl.rsqrt(m2 / width + eps)
+    return mean, rstd
+
+
+@triton.jit
+def _store_group_stats(y, rows, row_ok, n0, width, stats_ptr, stride_stats_m,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_GROUP: tl.constexpr):
+    """Store (mean, M2) of each STATS_GROUP-column group of the fp32 tile y [BLOCK_M, BLOCK_N].
+
+    The tile starts at column n0 (a multiple of STATS_GROUP); columns >= width are ignored.
+    """
+    GROUPS: tl.constexpr = BLOCK_N // STATS_GROUP
+    cols = n0 + tl.arange(0, GROUPS)[:, None] * STATS_GROUP + tl.arange(0, STATS_GROUP)[None, :]
+    valid = cols < width
+    counts = tl.sum(valid.to(tl.float32), axis=1)
+    y3 = tl.where(valid[None, :, :], tl.reshape(y, [BLOCK_M, GROUPS, STATS_GROUP]), 0.0)
+    group_mean = tl.sum(y3, axis=2) / tl.maximum(counts, 1.0)[None, :]
+    deviation = tl.where(valid[None, :, :], y3 - group_mean[:, :, None], 0.0)
+    group_m2 = tl.sum(deviation * deviation, axis=2)
+    groups = n0 // STATS_GROUP + tl.arange(0, GROUPS)
+    ok = row_ok[:, None] & (counts > 0)[None, :]
+    ptr = stats_ptr + rows.to(tl.int64)[:, None] * stride_stats_m + groups[None, :] * 2
+    tl.store(ptr, group_mean, mask=ok)
+    tl.store(ptr + 1, group_m2, mask=ok)
+
+
+@triton.jit
+def _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd,
+                      ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr, stride_mod_m, AFFINE: tl.constexpr):
+    """fp32 tile ((x - mean) * rstd [* w + b]) * (1 + scale) + shift, zero outside the mask.
+
+    x: fp32 [rows, width] residual stream; shift/scale: per-row views (row stride stride_mod_m).
+    """
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    normed = (x - mean[:, None]) * rstd[:, None]
+    if AFFINE:
+        ln_weight = tl.load(ln_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        ln_bias = tl.load(ln_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        normed = normed * ln_weight[None, :] + ln_bias[None, :]
+    shift = tl.load(shift_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, normed * (1.0 + scale) + shift, 0.0)
+
+
+@triton.jit
+def _linear_fused_kernel(
+    a_ptr, weight_ptr, bias_ptr, out_ptr,
+    stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
+    gate_ptr, residual_ptr, stats_out_ptr,
+    time_ptr, cond_ptr, silu_out_ptr,
+    M, N, K, a_row_period,
+    stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm,
+    stride_stats_in_m, stride_stats_out_m, stride_cond_m, stride_silu_m,
+    ln_eps,
+    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr, EMIT_SILU_COND: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr,
+):
+    """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
+
+    A rows are read at (row % a_row_period) (the CFG input projection reuses the B state rows for
+    both halves); A, out, residual and the modulation views have unit column stride.
+    """
+    # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = pid // (GROUP_M * tiles_n)
+    band_rows = tl.minimum(tiles_m - band * GROUP_M, GROUP_M)
+    within = pid - band * GROUP_M * tiles_n
+    pid_m = band * GROUP_M + within % band_rows
+    pid_n = within // band_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    a_rows = (rows % a_row_period).to(tl.int64)
+
+    if PROLOGUE != 0:
+        mean, rstd = _row_layernorm_stats(stats_in_ptr, stride_stats_in_m, rows, row_ok, K, ln_eps,
+                                          BLOCK_M, STATS_GROUP, STATS_CHUNK)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if PROLOGUE != 0:
+            a = _ln_modulate_tile(a_ptr, stride_am, rows, row_ok, ks, k_ok, mean, rstd, ln_weight_ptr, ln_bias_ptr,
+                                  shift_ptr, scale_ptr, stride_mod_m, PROLOGUE == 2)
+        else:
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :],
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = acc + bias[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    mask = row_ok[:, None] & col_ok[None, :]
+    if EPILOGUE == 1:
+        y = y * tl.sigmoid(y)
+    if EPILOGUE == 2:
+        gate = tl.load(gate_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(residual_ptr + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = residual + gate * y
+    tl.store(out_ptr + rows64 * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_STATS:
+        _store_group_stats(y, rows, row_ok, pid_n * BLOCK_N, N, stats_out_ptr, stride_stats_out_m,
+                           BLOCK_M, BLOCK_N, STATS_GROUP)
+    if EMIT_SILU_COND:
+        time_row = tl.load(time_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        cond = tl.load(cond_ptr + rows64 * stride_cond_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y_cond = time_row[None, :] + cond
+        tl.store(silu_out_ptr + rows64 * stride_silu_m + cols[None, :],
+                 (y_cond * tl.sigmoid(y_cond)).to(silu_out_ptr.dtype.element_ty), mask=mask)
+
+
+def interpreting():
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision(weight_dtype):
+    """tl.dot input precision: IEEE fp32 unless torch allows TF32 matmuls (as cuBLAS would)."""
+    if weight_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def stats_shape(rows, width):
+    """Shape of the LayerNorm partial-statistics buffer for a [rows, width] residual stream."""
+    return (rows, triton.cdiv(width, STATS_GROUP), 2)
+
+
+def _pow2(n):
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _candidate_configs(M, N, K):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size."""
+    k_cap = max(16, _pow2(K))
+    if interpreting():
+        return [(min(64, max(16, _pow2(M))), min(64, max(32, _pow2(N))), min(64, k_cap), 4, 1)]
+    if M <= 64:
+        bm = max(16, _pow2(M))
+        shapes = [(bm, 32, 128, 4, 4), (bm, 64, 64, 4, 4), (bm, 32, 64, 4, 6), (bm, 64, 128, 4, 3),
+                  (bm, 128, 64, 4, 4)]
+    elif M <= 512:
+        shapes = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                  (64, 32, 128, 4, 4)]
+    else:
+        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
+                  (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    n_cap = max(32, _pow2(N))
+    picked = []
+    for bm, bn, bk, warps, stages in shapes:
+        config = (bm, min(bn, n_cap), min(bk, k_cap), warps, stages)
+        if config not in picked:
+            picked.append(config)
+    return picked
+
+
+_TUNED = {}
+TUNE_REPEATS = 10
+TUNE_QUEUE_CYCLES = 5_000_000
+
+
+def _tuned_config(key, candidates, launch):
+    """The fastest candidate for `key` (timed once with CUDA events), or the only candidate.
+
+    launch(config) runs the kernel; every launcher's kernel is idempotent (outputs never alias
+    inputs), so timing reruns are harmless.
+    """
+    if len(candidates) == 1:
+        return candidates[0]
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"linear_fused: configuration for {key} was not tuned before CUDA graph capture; "
+                           "run the same launch once eagerly first")
+    timings = {}
+    for config in candidates:
+        try:
+            launch(config)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(TUNE_QUEUE_CYCLES)  # keep the GPU busy while the launches queue up: time kernels, not Python
+        start.record()
+        for _ in range(TUNE_REPEATS):
+            launch(config)
+        end.record()
+        end.synchronize()
+        timings[config] = start.elapsed_time(end)
+    if not timings:
+        raise RuntimeError(f"linear_fused: no block configuration fits the device for {key}")
+    _TUNED[key] = min(timings, key=timings.get)
+    return _TUNED[key]
+
+
+def _check_matrix(name, t, rows, cols, device, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if t.dim() != 2 or (rows is not None and t.shape[0] != rows) or (cols is not None and t.shape[1] != cols):
+        raise ValueError(f"{name} must have shape ({rows}, {cols}), got {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {t.stride()}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_vector(name, t, length, device):
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != length or not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point vector of length {length}, got "
+                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if t.stride(0) != 1 and length > 1:
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _check_stats(name, t, rows, width, device):
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != stats_shape(rows, width) or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32 of shape {stats_shape(rows, width)}, got "
+                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != device or t.stride(2) != 1 or t.stride(1) != 2:
+        raise ValueError(f"{name} must be on {device} with packed (group, 2) layout")
+
+
+def _check_no_alias(out_name, out, in_name, inp):
+    if out.data_ptr() == inp.data_ptr():
+        raise ValueError(f"{out_name} must not alias {in_name} (the launch must be repeatable)")
+
+
+def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, stats_in=None, ln_weight=None,
+            ln_bias=None, shift=None, scale=None, ln_eps=1e-6, epilogue=EPILOGUE_BIAS, gate=None, residual=None,
+            stats_out=None, time_row=None, cond=None, silu_out=None):
+    M, N = out.shape
+    K = weight.shape[1]
+    mod = shift if shift is not None else gate
+    dummy = out
+    args = dict(
+        a_ptr=a, weight_ptr=weight, bias_ptr=bias, out_ptr=out,
+        stats_in_ptr=dummy if stats_in is None else stats_in,
+        ln_weight_ptr=dummy if ln_weight is None else ln_weight,
+        ln_bias_ptr=dummy if ln_bias is None else ln_bias,
+        shift_ptr=dummy if shift is None else shift, scale_ptr=dummy if scale is None else scale,
+        gate_ptr=dummy if gate is None else gate, residual_ptr=dummy if residual is None else residual,
+        stats_out_ptr=dummy if stats_out is None else stats_out,
+        time_ptr=dummy if time_row is None else time_row, cond_ptr=dummy if cond is None else cond,
+        silu_out_ptr=dummy if silu_out is None else silu_out,
+        M=M, N=N, K=K, a_row_period=a.shape[0] if a_row_period is None else a_row_period,
+        stride_am=a.stride(0), stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_om=out.stride(0),
+        stride_mod_m=0 if mod is None else mod.stride(0), stride_rm=0 if residual is None else residual.stride(0),
+        stride_stats_in_m=0 if stats_in is None else stats_in.stride(0),
+        stride_stats_out_m=0 if stats_out is None else stats_out.stride(0),
+        stride_cond_m=0 if cond is None else cond.stride(0), stride_silu_m=0 if silu_out is None else silu_out.stride(0),
+        ln_eps=float(ln_eps),
+        PROLOGUE=prologue, EPILOGUE=epilogue, WRITE_STATS=stats_out is not None, EMIT_SILU_COND=silu_out is not None,
+        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_M, STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK,
+    )
+    if M == 0 or N == 0:
+        return out
+
+    def run(config):
+        block_m, block_n, block_k, warps, stages = config
+        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+        _linear_fused_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                   num_warps=warps, num_stages=stages)
+
+    key = (prologue, epilogue, stats_out is not None, silu_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
+           args["DOT_PRECISION"], str(out.device))
+    run(_tuned_config(key, _candidate_configs(M, N, K), run))
+    return out
+
+
+def _check_linear(a, weight, bias, out, a_dtypes=None):
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D tensor [N, K], got {type(weight).__name__}")
+    if weight.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weight dtype must be one of {WEIGHT_DTYPES}, got {weight.dtype}")
+    device = weight.device
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"Triton kernels need a CUDA device or TRITON_INTERPRET=1, got tensors on {device}")
+    n, k = weight.shape
+    _check_matrix("a", a, None, k, device, a_dtypes)
+    _check_vector("bias", bias, n, device)
+    _check_matrix("out", out, None, n, device)
+    return device, n, k
+
+
+def linear(a, weight, bias, out):
+    """out[M, N] = a[M, K] @ weight[N, K]^T + bias[N] (fp32 accumulation, out in its own dtype).
+
+    a: any float dtype (cast to weight dtype before the dot); weight: fp32/bf16/fp16 [N, K];
+    bias: float [N]; out: preallocated [M, N], unit column stride. Returns out.
+    """
+    device, n, k = _check_linear(a, weight, bias, out)
+    if out.shape[0] != a.shape[0]:
+        raise ValueError(f"out must have {a.shape[0]} rows, got {out.shape[0]}")
+    _check_no_alias("out", out, "a", a)
+    return _launch(a, weight, bias, out)
+
+
+def input_projection(state, weight, bias, residual_out, stats_out, time_row, cond, silu_out):
+    """The first layer of a diffusion step, with the step's adaLN input as a side output.
+
+    residual_out[r] = state[r % S] @ weight^T + bias   (fp32 [R, W]; S = state rows, R a multiple
+    of S: with CFG R = 2S and both halves start from the same state), its LayerNorm group
+    statistics into stats_out (fp32 stats_shape(R, W)), and
+    silu_out[r] = SiLU(time_row + cond[r])              ([R, W] in silu_out's dtype).
+    state: [S, C] float; weight [W, C]; bias, time_row: float [W]; cond: float [R, W].
+    """
+    device, width, _ = _check_linear(state, weight, bias, residual_out)
+    rows = residual_out.shape[0]
+    if residual_out.dtype != torch.float32:
+        raise TypeError(f"residual_out must be float32, got {residual_out.dtype}")
+    if state.shape[0] == 0 or rows % state.shape[0]:
+        raise ValueError(f"residual_out rows ({rows}) must be a positive multiple of state rows ({state.shape[0]})")
+    _check_stats("stats_out", stats_out, rows, width, device)
+    _check_vector("time_row", time_row, width, device)
+    _check_matrix("cond", cond, rows, width, device)
+    _check_matrix("silu_out", silu_out, rows, width, device)
+    return _launch(state, weight, bias, residual_out, a_row_period=state.shape[0], stats_out=stats_out,
+                   time_row=time_row, cond=cond, silu_out=silu_out)
+
+
+def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, weight, bias, out, ln_eps=1e-6):
+    """out = SiLU(modulate(LayerNorm(residual), shift, scale) @ weight^T + bias), one GEMM.
+
+    residual: fp32 [M, K] with its group statistics `stats` (stats_shape(M, K)); ln_weight,
+    ln_bias: float [K] (both None for a parameter-free LayerNorm); shift, scale: [M, K] views
+    sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. Returns out.
+    """
+    device, _, k = _check_linear(residual, weight, bias, out, (torch.float32,))
+    rows = residual.shape[0]
+    _check_stats("stats", stats, rows, k, device)
+    for name, t in (("shift", shift), ("scale", scale)):
+        _check_matrix(name, t, rows, k, device)
+    if shift.stride(0) != scale.stride(0):
+        raise ValueError("shift and scale must share one row stride (views of the modulation buffer)")
+    if (ln_weight is None) != (ln_bias is None):
+        raise ValueError("ln_weight and ln_bias must be given together")
+    if ln_weight is not None:
+        _check_vector("ln_weight", ln_weight, k, device)
+        _check_vector("ln_bias", ln_bias, k, device)
+    _check_matrix("out", out, rows, None, device)
+    prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
+    return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
+                   ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU)
+
+
+def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out):
+    """residual_out = residual + gate * (hidden @ weight^T + bias), with LayerNorm group statistics.
+
+    hidden: [M, K] float; weight [N, K]; gate: [M, N] view (modulation buffer); residual,
+    residual_out: fp32 [M, N], distinct buffers; stats_out: fp32 stats_shape(M, N). Returns residual_out.
+    """
+    device, n, _ = _check_linear(hidden, weight, bias, residual_out)
+    rows = hidden.shape[0]
+    _check_matrix("gate", gate, rows, n, device)
+    _check_matrix("residual", residual, rows, n, device, (torch.float32,))
+    _check_matrix("residual_out", residual_out, rows, n, device, (torch.float32,))
+    _check_stats("stats_out", stats_out, rows, n, device)
+    _check_no_alias("residual_out", residual_out, "residual", residual)
+    return _launch(hidden, weight, bias, residual_out, epilogue=EPILOGUE_GATED_RESIDUAL, gate=gate,
+                   residual=residual, stats_out=stats_out)

@@ -1,0 +1,319 @@
+"""Fused sampling path of the diffusion head: the whole reverse DDPM loop through Triton launchers.
+
+`ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, clip_x0=None)` computes
+what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM step
+(depth D, width W, R net rows; with CFG R = 2B and only the B conditional state rows are carried):
+
+1. `input_projection` (Triton): residual = x_t @ W_in^T + b (fp32 [R, W]) plus its LayerNorm
+   group statistics, and as a side output SiLU(time_embed(t) + cond_embed(z)) in the weight dtype
+   (the time embeddings of all sampler steps are computed once and cached; cond_embed(z) once per
+   call, by the Triton `linear` launcher);
+2. one GEMM for the adaLN modulations of all D blocks and the final layer (cuBLAS `torch.addmm`:
+   [R, W] x [W, (3D + 2) W], a plain GEMM with bias and no fusion to gain, where cuBLAS is at peak);
+3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +
+   SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
+   writes the next LayerNorm's group statistics);
+4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
+   learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
+
+On CUDA the loop (including cond_embed) is captured once per (bucketed row count, CFG on/off,
+clip on/off, number of steps) as a CUDA graph and replayed: no host synchronisation and no Python
+work per step. The first call for a bucket runs the loop eagerly (compiling and tuning the
+kernels; its result is returned) and then captures. Under the Triton CPU interpreter the loop
+runs eagerly through the same launchers.
+
+Packed weights (the concatenated adaLN weight, fp32 biases, cached time embeddings, graphs) are
+cached per net and rebuilt when any parameter's storage or version counter changes (optimizer
+steps, load_state_dict, `.to()`); writes through `.data` bypass version counters, so call
+`release_fused_cache(net)` after those. Nothing is registered on the module: the state dict does
+not change.
+"""
+import math
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .diffloss import as_cfg_scale, check_temperature
+from .diffusion import GaussianDiffusion, timestep_embedding
+from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
+from .kernels.linear_fused import (WEIGHT_DTYPES, input_projection, interpreting, linear, linear_gated_residual,
+                                   linear_ln_modulate_silu, stats_shape)
+
+MAX_GRAPHS_PER_HEAD = 8
+MIN_BUCKET_ROWS = 16
+LARGE_BUCKET_ROWS = 4096
+
+
+def bucket_rows(rows):
+    """Row count a CUDA graph is captured for: a power of two >= 16 up to 4096, then multiples of 4096."""
+    if rows <= LARGE_BUCKET_ROWS:
+        return max(MIN_BUCKET_ROWS, 1 << (rows - 1).bit_length())
+    return math.ceil(rows / LARGE_BUCKET_ROWS) * LARGE_BUCKET_ROWS
+
+
+class _Block:
+    def __init__(self, block):
+        ln = block.in_ln
+        self.ln_weight = None if ln.weight is None else ln.weight.detach().float()
+        self.ln_bias = None if ln.bias is None else ln.bias.detach().float()
+        self.ln_eps = float(ln.eps)
+        self.fc1_weight = block.mlp[0].weight.detach()
+        self.fc1_bias = block.mlp[0].bias.detach().float()
+        self.fc2_weight = block.mlp[2].weight.detach()
+        self.fc2_bias = block.mlp[2].bias.detach().float()
+
+
+class PackedHead:
+    """The net's weights arranged for the fused loop (built once per weight version).
+
+    ada_weight_t [W, (3D + 2) W] is the transposed concatenation of the adaLN linears of all
+    blocks (shift, scale, gate each) and of the final layer (shift, scale); biases used by Triton
+    epilogues are fp32 copies; GEMM weights are the parameters themselves (no copy).
+    """
+
+    def __init__(self, net, signature):
+        self.signature = signature
+        weight = net.input_proj.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        if self.dtype not in WEIGHT_DTYPES:
+            raise TypeError(f"the fused head supports {WEIGHT_DTYPES} weights, got {self.dtype}; use backend='torch'")
+        for name, p in net.named_parameters():
+            if p.dtype != self.dtype or p.device != self.device:
+                raise TypeError(f"all net parameters must share dtype {self.dtype} and device {self.device}; "
+                                f"{name} is {p.dtype} on {p.device}")
+        self.width, self.channels = weight.shape
+        self.z_channels = net.cond_embed.weight.shape[1]
+        self.depth = len(net.res_blocks)
+        self.input_weight = weight.detach()
+        self.input_bias = net.input_proj.bias.detach().float()
+        self.cond_weight = net.cond_embed.weight.detach()
+        self.cond_bias = net.cond_embed.bias.detach().float()
+        adaln = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+        self.ada_weight_t = torch.cat([m.weight.detach() for m in adaln]).t()
+        self.ada_bias = torch.cat([m.bias.detach() for m in adaln])
+        self.blocks = [_Block(block) for block in net.res_blocks]
+        final = net.final_layer
+        if getattr(final.norm_final, "weight", None) is not None:
+            raise ValueError("the final layer's LayerNorm must be parameter-free, as in the official head")
+        self.final_eps = float(final.norm_final.eps)
+        self.final_weight = final.linear.weight.detach()
+        self.final_bias = final.linear.bias.detach().float()
+        if self.final_weight.shape[0] != 2 * self.channels:
+            raise ValueError(f"final layer must output 2C = {2 * self.channels} channels, got {self.final_weight.shape[0]}")
+        mlp = net.time_embed.mlp
+        self._time_mlp = [t.detach().float() for t in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)]
+        self._time_embeddings = {}
+        self._coefficients = {}
+        self.graphs = OrderedDict()
+
+    def time_embeddings(self, diffusion):
+        """fp32 [S, W]: time_embed of the original timestep of every respaced step (cached)."""
+        key = tuple(diffusion.timestep_map.tolist())
+        if key not in self._time_embeddings:
+            w0, b0, w2, b2 = self._time_mlp
+            t = diffusion.timestep_map.to(self.device)
+            features = timestep_embedding(t, w0.shape[1]).float()
+            self._time_embeddings[key] = F.linear(F.silu(F.linear(features, w0, b0)), w2, b2).contiguous()
+        return self._time_embeddings[key]
+
+    def coefficients(self, diffusion):
+        """Per-step scalar table values for the final DDPM kernel (cached per diffusion schedule)."""
+        key = diffusion.num_timesteps
+        if key not in self._coefficients:
+            self._coefficients[key] = [step_coefficients(diffusion, s) for s in range(diffusion.num_timesteps)]
+        return self._coefficients[key]
+
+
+_PACKS = weakref.WeakKeyDictionary()
+
+
+def _signature(net):
+    return tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.device, tuple(p.shape))
+                 for p in net.parameters())
+
+
+def packed_head(net):
+    """The cached `PackedHead` of `net`, rebuilt if any parameter changed since it was packed."""
+    signature = _signature(net)
+    pack = _PACKS.get(net)
+    if pack is None or pack.signature != signature:
+        with torch.inference_mode(False), torch.no_grad():
+            pack = PackedHead(net, signature)
+        _PACKS[net] = pack
+    return pack
+
+
+def release_fused_cache(net):
+    """Drop the packed weights and captured CUDA graphs of `net` (frees their memory)."""
+    _PACKS.pop(net, None)
+
+
+class _Workspace:
+    """Every buffer the loop reads or writes, for `state_rows` carried rows (static under a graph)."""
+
+    def __init__(self, pack, state_rows, use_cfg, num_steps):
+        net_rows = 2 * state_rows if use_cfg else state_rows
+        width, channels = pack.width, pack.channels
+        f32 = dict(device=pack.device, dtype=torch.float32)
+        low = dict(device=pack.device, dtype=pack.dtype)
+        self.state_rows, self.net_rows, self.use_cfg = state_rows, net_rows, use_cfg
+        self.z = torch.zeros(net_rows, pack.z_channels, **low)
+        self.states = [torch.zeros(state_rows, channels, **f32) for _ in range(2)]
+        self.noise = torch.zeros(num_steps, state_rows, channels, **f32)
+        self.scalars = torch.zeros(4, **f32)
+        self.cond = torch.empty(net_rows, width, **f32)
+        self.silu_cond = torch.empty(net_rows, width, **low)
+        self.modulation = torch.empty(net_rows, (3 * pack.depth + 2) * width, **low)
+        self.residuals = [torch.empty(net_rows, width, **f32) for _ in range(2)]
+        self.hidden = torch.empty(net_rows, width, **low)
+        self.stats = torch.empty(stats_shape(net_rows, width), **f32)
+
+    def load(self, z, x, step_noise, cfg, temperature, clip_x0):
+        """Copy one call's inputs in (device-side copies and fills only: no host sync)."""
+        rows = x.shape[0] // 2 if self.use_cfg else x.shape[0]
+        if self.use_cfg:
+            self.z[:rows].copy_(z[:rows])
+            self.z[self.state_rows:self.state_rows + rows].copy_(z[rows:])
+        else:
+            self.z[:rows].copy_(z)
+        self.states[0][:rows].copy_(x[:rows])
+        self.noise[:, :rows].copy_(step_noise)
+        lo, hi = clip_x0 if clip_x0 is not None else (0.0, 0.0)
+        for i, value in enumerate((cfg, temperature, lo, hi)):
+            self.scalars[i].fill_(value)
+
+
+def _launch_loop(pack, ws, diffusion, clip):
+    """Launch the whole sampling loop on ws's buffers; returns the state buffer holding x_0."""
+    width, depth = pack.width, pack.depth
+    time_embeddings = pack.time_embeddings(diffusion)
+    coefficients = pack.coefficients(diffusion)
+    mod = ws.modulation
+    linear(ws.z, pack.cond_weight, pack.cond_bias, ws.cond)
+    current = 0
+    for step in reversed(range(diffusion.num_timesteps)):
+        state, next_state = ws.states[current], ws.states[1 - current]
+        input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats,
+                         time_embeddings[step], ws.cond, ws.silu_cond)
+        torch.addmm(pack.ada_bias, ws.silu_cond, pack.ada_weight_t, out=mod)
+        res = 0
+        for i, block in enumerate(pack.blocks):
+            base = 3 * width * i
+            linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
+                                    mod[:, base:base + width], mod[:, base + width:base + 2 * width],
+                                    block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps)
+            linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias, mod[:, base + 2 * width:base + 3 * width],
+                                  ws.residuals[res], ws.residuals[1 - res], ws.stats)
+            res = 1 - res
+        base = 3 * width * depth
+        final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width], mod[:, base + width:base + 2 * width],
+                              pack.final_weight, pack.final_bias, state, ws.noise[step], next_state, ws.scalars,
+                              coefficients[step], use_cfg=ws.use_cfg, uncond_row_offset=ws.state_rows if ws.use_cfg else 0,
+                              add_noise=step > 0, clip_x0=clip, ln_eps=pack.final_eps)
+        current = 1 - current
+    return ws.states[current]
+
+
+class _CapturedLoop:
+    def __init__(self, workspace, graph, result):
+        self.workspace, self.graph, self.result = workspace, graph, result
+
+
+def _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0):
+    key = (bucket_rows(rows), use_cfg, clip_x0 is not None, tuple(diffusion.timestep_map.tolist()))
+    captured = pack.graphs.get(key)
+    if captured is not None:
+        pack.graphs.move_to_end(key)
+        captured.workspace.load(z, x, step_noise, cfg, temperature, clip_x0)
+        captured.graph.replay()
+        return captured.result[:rows].clone()
+    ws = _Workspace(pack, key[0], use_cfg, diffusion.num_timesteps)
+    ws.load(z, x, step_noise, cfg, temperature, clip_x0)
+    side = torch.cuda.Stream(device=pack.device)
+    side.wait_stream(torch.cuda.current_stream(pack.device))
+    with torch.cuda.stream(side):
+        result = _launch_loop(pack, ws, diffusion, clip_x0 is not None)  # compiles, tunes, and computes this call
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        captured_result = _launch_loop(pack, ws, diffusion, clip_x0 is not None)
+    torch.cuda.current_stream(pack.device).wait_stream(side)
+    out = result[:rows].clone()  # capture recorded work without running it: result still holds the eager run
+    if captured_result is not result:
+        raise RuntimeError("internal error: captured loop ends in a different state buffer")
+    pack.graphs[key] = _CapturedLoop(ws, graph, result)
+    while len(pack.graphs) > MAX_GRAPHS_PER_HEAD:
+        pack.graphs.popitem(last=False)
+    return out
+
+
+def _check_inputs(pack, diffusion, z, x, step_noise, use_cfg, clip_x0):
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion must be a marfast GaussianDiffusion, got {type(diffusion).__name__}")
+    for name, t in (("z", z), ("x", x)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a 2-D floating-point tensor, got {getattr(t, 'dtype', type(t))} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if z.dtype == torch.float64:
+        raise TypeError("the fused head computes in float32; float64 z needs backend='torch'")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x (the DDPM state) must be float32, got {x.dtype}")
+    if z.shape[1] != pack.z_channels or x.shape[1] != pack.channels:
+        raise ValueError(f"z must be [R, {pack.z_channels}] and x [R, {pack.channels}], got {tuple(z.shape)} and "
+                         f"{tuple(x.shape)}")
+    if z.shape[0] != x.shape[0]:
+        raise ValueError(f"z and x must have the same number of rows, got {z.shape[0]} and {x.shape[0]}")
+    if use_cfg and z.shape[0] % 2:
+        raise ValueError(f"with cfg != 1, z must hold an even number of rows (conditional, then unconditional), "
+                         f"got {z.shape[0]}")
+    rows = z.shape[0] // 2 if use_cfg else z.shape[0]
+    expected = (diffusion.num_timesteps, rows, pack.channels)
+    if not isinstance(step_noise, torch.Tensor) or tuple(step_noise.shape) != expected or step_noise.dtype != torch.float32:
+        raise ValueError(f"step_noise must be float32 of shape {expected}, got {getattr(step_noise, 'dtype', None)} "
+                         f"{tuple(getattr(step_noise, 'shape', ()))}")
+    for name, t in (("z", z), ("x", x), ("step_noise", step_noise)):
+        if t.device != pack.device:
+            raise ValueError(f"{name} is on {t.device} but the net is on {pack.device}")
+    if pack.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the fused head needs a CUDA device or TRITON_INTERPRET=1, got {pack.device}")
+    if clip_x0 is not None:
+        if len(clip_x0) != 2 or not all(math.isfinite(float(v)) for v in clip_x0) or float(clip_x0[0]) > float(clip_x0[1]):
+            raise ValueError(f"clip_x0 must be a finite (lo, hi) pair with lo <= hi, got {clip_x0}")
+        clip_x0 = (float(clip_x0[0]), float(clip_x0[1]))
+    return rows, clip_x0
+
+
+def ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, clip_x0=None, *, use_cuda_graph=True):
+    """The reverse DDPM loop of `ddpm_sample_loop_reference`, fused (stable API, used by benchmarks).
+
+    net: a SimpleMLPAdaLN-structured denoiser (official names) with fp32, bf16 or fp16 weights, on
+    CUDA (or on CPU under TRITON_INTERPRET=1); diffusion: the sampling GaussianDiffusion (S steps);
+    z: [R, Z] conditions in any float dtype but float64 (with cfg != 1, R = 2B: conditional rows
+    first, then unconditional); x: float32 [R, C] initial x_T (with CFG only the first B rows are
+    read: both halves start equal); temperature >= 0; cfg: number or one-element tensor;
+    step_noise: float32 [S, rows_out, C] with rows_out = B with CFG, else R; step_noise[s] is the
+    noise of respaced step s (the loop runs s = S-1 .. 0; step_noise[0] is unused since t = 0 adds
+    no noise); it plays the role of the first rows_out rows of `draw_noise(s)` in the reference.
+    clip_x0: optional (lo, hi) clamp of the x0 prediction. use_cuda_graph: on CUDA, capture and
+    replay the loop (default); False launches every kernel eagerly (for testing).
+
+    Returns float32 [R, C]. Without CFG: x_0. With CFG only B state rows are carried: the first B
+    rows are the guided samples (same as the reference's first half) and the second half is a copy
+    of the first (the official head's second half is a by-product the caller discards).
+    """
+    pack = packed_head(net)
+    temperature = check_temperature(temperature)
+    cfg = as_cfg_scale(cfg)
+    use_cfg = cfg != 1.0
+    rows, clip_x0 = _check_inputs(pack, diffusion, z, x, step_noise, use_cfg, clip_x0)
+    if rows == 0:
+        return torch.empty(0, pack.channels, device=pack.device, dtype=torch.float32)
+    with torch.inference_mode(False), torch.no_grad():
+        if pack.device.type == "cuda" and use_cuda_graph:
+            out = _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0)
+        else:
+            ws = _Workspace(pack, rows, use_cfg, diffusion.num_timesteps)
+            ws.load(z, x, step_noise, cfg, temperature, clip_x0)
+            out = _launch_loop(pack, ws, diffusion, clip_x0 is not None).clone()
+    return torch.cat([out, out]) if use_cfg else out

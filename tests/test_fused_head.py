@@ -1,0 +1,370 @@
+"""Fused sampling path of the diffusion head: every kernel and the whole loop against float64.
+
+CPU tests run the Triton kernels under the interpreter (TRITON_INTERPRET=1, set by conftest.py)
+in fp32 on small awkward shapes; outputs are poisoned with NaN before the kernels write them.
+GPU tests (marked `gpu`) check bf16/fp16/fp32 parity at the released head sizes and that the
+captured CUDA graph replays exactly what the eager launches compute.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marfast import DiffLoss
+from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
+from marfast.diffusion import GaussianDiffusion
+from marfast.fused_head import bucket_rows, ddpm_sample_loop_fused, packed_head, release_fused_cache
+from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
+from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual,
+                                          linear_ln_modulate_silu, stats_shape)
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+DEVICE = "cuda" if CUDA else "cpu"
+FP32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+def poisoned(*shape, dtype=torch.float32, device=DEVICE):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def randomize(net, seed=0):
+    """Replace the official init (adaLN and final layers zero) by random weights of sane scale."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() == 2:
+                std = (0.5 if "adaLN" in name or "final_layer" in name else 1.0) / math.sqrt(p.shape[1])
+                value = torch.randn(p.shape, generator=gen, dtype=torch.float64) * std
+            elif "in_ln.weight" in name:
+                value = 1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            else:
+                value = 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.copy_(value)
+    return net
+
+
+def group_stats64(x):
+    """float64 [R, G, 2]: (mean, sum of squared deviations) of every STATS_GROUP-column group."""
+    rows, width = x.shape
+    stats = torch.zeros(stats_shape(rows, width), dtype=torch.float64)
+    for g in range(stats.shape[1]):
+        seg = x[:, g * STATS_GROUP:(g + 1) * STATS_GROUP]
+        stats[:, g, 0] = seg.mean(1)
+        stats[:, g, 1] = ((seg - seg.mean(1, keepdim=True)) ** 2).sum(1)
+    return stats
+
+
+def modulate_ln64(x, shift, scale, weight=None, bias=None, eps=1e-6):
+    h = F.layer_norm(x, (x.shape[1],), weight, bias, eps)
+    return h * (1 + scale) + shift
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
+
+
+def assert_close64(actual, expected, rtol=FP32_TOL["rtol"], atol=FP32_TOL["atol"]):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels, one at a time (interpreter on CPU, fp32)
+
+@pytest.mark.parametrize("rows,k,n", [(1, 40, 72), (7, 72, 40), (33, 24, 40)])
+def test_linear_matches_float64(rows, k, n):
+    torch.manual_seed(rows)
+    a, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    out = poisoned(rows, n)
+    linear(*on_device(a, w, b), out)
+    assert_close64(out, a.double() @ w.double().T + b.double())
+
+
+@pytest.mark.parametrize("state_rows,repeat,width", [(7, 2, 40), (1, 1, 72), (33, 1, 40)])
+def test_input_projection_writes_residual_stats_and_adaln_input(state_rows, repeat, width):
+    torch.manual_seed(width + state_rows)
+    rows, channels = state_rows * repeat, 16
+    state, w, b = torch.randn(state_rows, channels), torch.randn(width, channels), torch.randn(width)
+    time_row, cond = torch.randn(width), torch.randn(rows, width)
+    residual, silu, stats = poisoned(rows, width), poisoned(rows, width), poisoned(*stats_shape(rows, width))
+    input_projection(*on_device(state, w, b), residual, stats, *on_device(time_row, cond), silu)
+    expected = (state.double() @ w.double().T + b.double()).repeat(repeat, 1)
+    assert_close64(residual, expected)
+    assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-4)
+    assert_close64(silu, F.silu(time_row.double() + cond.double()))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("rows,width,n", [(7, 40, 72), (33, 72, 40), (1, 40, 40)])
+def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine):
+    torch.manual_seed(rows + width)
+    x = torch.randn(rows, width) * 2 + 3
+    modulation = torch.randn(rows, 3 * width).to(DEVICE)  # shift and scale are strided views, as in the loop
+    shift, scale = modulation[:, width:2 * width], modulation[:, 2 * width:]
+    ln_w, ln_b = (1 + 0.1 * torch.randn(width), 0.1 * torch.randn(width)) if affine else (None, None)
+    w, b = torch.randn(n, width), torch.randn(n)
+    stats = group_stats64(x.double()).float()
+    out = poisoned(rows, n)
+    linear_ln_modulate_silu(*on_device(x, stats, ln_w, ln_b, shift, scale, w, b), out)
+    d = lambda t: None if t is None else t.double()
+    h = modulate_ln64(x.double(), shift.double(), scale.double(), d(ln_w), d(ln_b))
+    assert_close64(out, F.silu(h @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows,k,width", [(7, 40, 72), (33, 72, 40)])
+def test_linear_gated_residual_matches_float64(rows, k, width):
+    torch.manual_seed(rows + k)
+    h, w, b = torch.randn(rows, k), torch.randn(width, k), torch.randn(width)
+    gate = torch.randn(rows, 2 * width).to(DEVICE)[:, width:]
+    residual = torch.randn(rows, width)
+    out, stats = poisoned(rows, width), poisoned(*stats_shape(rows, width))
+    linear_gated_residual(*on_device(h, w, b, gate, residual), out, stats)
+    expected = residual.double() + gate.double() * (h.double() @ w.double().T + b.double())
+    assert_close64(out, expected, rtol=1e-5, atol=1e-4)
+    assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-3)
+
+
+def test_launchers_reject_bad_input():
+    x, w, b, gate, out = on_device(torch.randn(4, 40), torch.randn(40, 40), torch.randn(40), torch.randn(4, 40),
+                                   torch.empty(4, 40))
+    stats = torch.zeros(stats_shape(4, 40), device=DEVICE)
+    with pytest.raises(ValueError, match="must not alias"):
+        linear_gated_residual(x, w, b, gate, x, x, stats)
+    with pytest.raises(ValueError, match="stats_out must be float32 of shape"):
+        linear_gated_residual(x, w, b, gate, x, out, torch.zeros(4, 3, 2, device=DEVICE))
+    with pytest.raises(ValueError, match="a must have shape"):
+        linear(x[:, :39], w, b, out)
+    with pytest.raises(TypeError, match="weight dtype"):
+        linear(x, w.double(), b, out)
+    with pytest.raises(ValueError, match="unit column stride"):
+        linear(torch.randn(40, 4, device=DEVICE).T, w, b, out)
+
+
+def final_layer_step64(h, shift, scale, w, b, x_t, noise, diffusion, step, temperature, cfg, uncond, clip):
+    """float64 reference of the final layer + CFG mixing + one reverse DDPM step."""
+    c = x_t.shape[1]
+    out = modulate_ln64(h, shift, scale) @ w.T + b
+    eps, v = out[:len(x_t), :c], out[:len(x_t), c:]
+    if uncond is not None:
+        eps_u = out[uncond:uncond + len(x_t), :c]
+        eps = eps_u + cfg * (eps - eps_u)
+    return diffusion.p_sample_step(eps, v, x_t, step, noise, temperature, clip)
+
+
+@pytest.mark.parametrize("rows,use_cfg,step,clip", [(7, True, 3, None), (1, False, 0, None), (33, True, 0, (-1.0, 1.0)),
+                                                    (7, False, 2, (-0.5, 0.5))])
+def test_final_layer_ddpm_step_matches_float64(rows, use_cfg, step, clip):
+    torch.manual_seed(rows + step)
+    width, channels = 40, 16
+    diffusion = GaussianDiffusion(5)
+    net_rows = 2 * rows + 3 if use_cfg else rows  # padded net rows, as in a row bucket
+    uncond = rows + 3 if use_cfg else None
+    h = torch.randn(net_rows, width) + 1
+    modulation = 0.3 * torch.randn(net_rows, 2 * width)
+    shift, scale = modulation[:, :width], modulation[:, width:]
+    w, b = torch.randn(2 * channels, width) / math.sqrt(width), 0.1 * torch.randn(2 * channels)
+    x_t, noise = torch.randn(rows, channels), torch.randn(rows, channels)
+    cfg, temperature = 2.5, 0.7
+    lo, hi = clip if clip is not None else (0.0, 0.0)
+    scalars = torch.tensor([cfg, temperature, lo, hi])
+    out = poisoned(rows, channels)
+    modulation_dev = modulation.to(DEVICE)
+    final_layer_ddpm_step(*on_device(h, group_stats64(h.double()).float()), modulation_dev[:, :width],
+                          modulation_dev[:, width:], *on_device(w, b, x_t, noise), out, scalars.to(DEVICE),
+                          step_coefficients(diffusion, step), use_cfg=use_cfg, uncond_row_offset=uncond or 0,
+                          add_noise=step > 0, clip_x0=clip is not None)
+    expected = final_layer_step64(h.double(), shift.double(), scale.double(), w.double(), b.double(), x_t.double(),
+                                  noise.double(), diffusion, step, temperature, cfg, uncond, clip)
+    assert_close64(out, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loop
+
+def make_net(width, depth, channels=16, z_channels=24, seed=0, dtype=torch.float32, device=DEVICE):
+    torch.manual_seed(seed)
+    net = SimpleMLPAdaLN(channels, width, 2 * channels, z_channels, depth)
+    return randomize(net, seed).to(device=device, dtype=dtype)
+
+
+def loop_inputs(steps, state_rows, cfg, channels, z_channels, seed=0):
+    """(diffusion, z [R, Z], x [R, C], step noise [S, B, C], draw_noise for the reference), CPU fp32."""
+    gen = torch.Generator().manual_seed(seed)
+    use_cfg = cfg != 1.0
+    rows = 2 * state_rows if use_cfg else state_rows
+    z = torch.randn(rows, z_channels, generator=gen)
+    x_t = torch.randn(state_rows, channels, generator=gen)
+    noise = torch.randn(steps, state_rows, channels, generator=gen)
+    x = torch.cat([x_t, x_t]) if use_cfg else x_t
+
+    def draw_noise(step, like):
+        n = noise[step].to(like)
+        return torch.cat([n, torch.randn_like(n)]) if use_cfg else n
+
+    return GaussianDiffusion(steps), z, x, noise, draw_noise
+
+
+def run_both(net, steps, state_rows, cfg, temperature, clip, seed=0, net64=None, device=DEVICE):
+    """(fused [R, C], float64 reference [R, C] on net64's device) with the same x_T and step noise."""
+    diffusion, z, x, noise, draw_noise = loop_inputs(steps, state_rows, cfg, net.in_channels,
+                                                     net.cond_embed.weight.shape[1], seed)
+    fused = ddpm_sample_loop_fused(net, diffusion, z.to(device), x.to(device), temperature, cfg, noise.to(device), clip)
+    net64 = net64 if net64 is not None else copy.deepcopy(net).double().cpu()
+    like = net64.input_proj.weight
+    reference = ddpm_sample_loop_reference(net64, diffusion, z.to(like), x.to(like), temperature, cfg,
+                                           lambda step: draw_noise(step, like), clip)
+    return fused, reference.cpu()
+
+
+def relative_error(actual, expected):
+    return ((actual.double().cpu() - expected).abs().max() / (expected.abs().max() + 1)).item()
+
+
+@pytest.mark.parametrize("width,depth,state_rows,cfg,temperature,clip", [
+    (40, 2, 7, 1.0, 1.0, None),
+    (72, 3, 1, 3.0, 0.9, None),
+    (40, 2, 33, 2.0, 0.0, None),
+    (40, 2, 7, 1.5, 1.0, (-1.0, 1.0)),
+    (72, 2, 7, 1.0, 0.0, (-2.0, 2.0)),
+])
+def test_fused_loop_matches_reference(width, depth, state_rows, cfg, temperature, clip):
+    net = make_net(width, depth, seed=width + state_rows)
+    fused, reference = run_both(net, 3, state_rows, cfg, temperature, clip)
+    assert fused.dtype == torch.float32 and fused.shape == reference.shape
+    assert relative_error(fused[:state_rows], reference[:state_rows]) < 1e-5
+    if cfg != 1.0:
+        assert torch.equal(fused[state_rows:], fused[:state_rows])
+
+
+def test_fused_loop_handles_zero_rows_and_rejects_bad_input():
+    net = make_net(40, 2)
+    diffusion = GaussianDiffusion(3)
+    z, x, noise = on_device(torch.randn(4, 24), torch.randn(4, 16), torch.randn(3, 2, 16))
+    assert ddpm_sample_loop_fused(net, diffusion, z[:0], x[:0], 1.0, 1.0, noise[:, :0]).shape == (0, 16)
+    with pytest.raises(ValueError, match="step_noise must be float32 of shape \\(3, 4, 16\\)"):
+        ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 1.0, noise)
+    with pytest.raises(ValueError, match="even number of rows"):
+        ddpm_sample_loop_fused(net, diffusion, z[:3], x[:3], 1.0, 2.0, noise)
+    with pytest.raises(TypeError, match="must be float32"):
+        ddpm_sample_loop_fused(net, diffusion, z, x.double(), 1.0, 2.0, noise)
+    with pytest.raises(TypeError, match="float64 z"):
+        ddpm_sample_loop_fused(net, diffusion, z.double(), x, 1.0, 2.0, noise)
+    with pytest.raises(ValueError, match="clip_x0"):
+        ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.0, noise, clip_x0=(1.0, -1.0))
+    with pytest.raises(ValueError, match="temperature"):
+        ddpm_sample_loop_fused(net, diffusion, z, x, -1.0, 2.0, noise)
+
+
+def test_packed_weights_follow_parameter_updates():
+    net = make_net(40, 2)
+    first = packed_head(net)
+    assert packed_head(net) is first
+    with torch.no_grad():
+        net.res_blocks[1].adaLN_modulation[1].weight.mul_(-1.5)  # in-place update bumps the version counter
+    assert packed_head(net) is not first
+    fused, reference = run_both(net, 2, 5, 2.0, 1.0, None)
+    assert relative_error(fused[:5], reference[:5]) < 1e-5
+    release_fused_cache(net)
+    assert packed_head(net) is not first
+
+
+def test_diffloss_sample_triton_backend_matches_torch_backend():
+    torch.manual_seed(0)
+    heads = {}
+    for backend in ("torch", "triton"):
+        heads[backend] = DiffLoss(16, 24, 2, 40, 4, backend=backend)
+    randomize(heads["torch"].net, 3)
+    heads["triton"].load_state_dict(heads["torch"].state_dict())
+    assert list(heads["torch"].state_dict()) == list(heads["triton"].state_dict())
+    for head in heads.values():
+        head.to(DEVICE)
+    z, noise = on_device(torch.randn(10, 24), torch.randn(5, 16))
+    ref = heads["torch"].sample(z, temperature=0.0, cfg=2.0, noise=noise)
+    out = heads["triton"].sample(z, temperature=0.0, cfg=torch.tensor([2.0]), noise=noise)
+    assert out.shape == ref.shape == (10, 16) and out.dtype == torch.float32
+    assert relative_error(out[:5], ref[:5].double().cpu()) < 1e-5
+    drawn = heads["triton"].sample(z[:3], temperature=1.0, generator=torch.Generator(DEVICE).manual_seed(1))
+    assert drawn.shape == (3, 16) and torch.isfinite(drawn).all()
+    with pytest.raises(TypeError, match="float64"):
+        heads["triton"].sample(z.double())
+
+
+def test_bucket_rows():
+    assert [bucket_rows(r) for r in (1, 16, 17, 64, 65, 4096, 4097, 16384)] == [16, 16, 32, 64, 128, 4096, 8192, 16384]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: released head sizes, bf16/fp16/fp32, CUDA graph replay
+
+RELEASED_HEADS = {"mar_base": (6, 1024, 768), "mar_large": (8, 1280, 1024), "mar_huge": (12, 1536, 1280)}
+# max |fused - float64| / (max |float64| + 1) after the loop, per weight dtype; the bf16/fp16
+# bounds also must not exceed 2x the error of the reference loop run in that dtype (+ fp32 bound).
+GPU_TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 8e-2, torch.float16: 2e-2}
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("preset", sorted(RELEASED_HEADS))
+@pytest.mark.parametrize("state_rows,cfg", [(37, 3.0), (300, 1.0)])
+def test_gpu_fused_loop_parity_at_released_sizes(preset, dtype, state_rows, cfg):
+    depth, width, z_channels = RELEASED_HEADS[preset]
+    net = make_net(width, depth, z_channels=z_channels, seed=depth, dtype=dtype, device="cuda")
+    net64 = copy.deepcopy(net).double()  # same (rounded) weights, float64 math, on the GPU
+    steps = 20
+    fused, reference = run_both(net, steps, state_rows, cfg, 1.0, None, net64=net64, device="cuda")
+    error = relative_error(fused[:state_rows], reference[:state_rows])
+    bound = GPU_TOLERANCE[dtype]
+    if dtype != torch.float32:
+        # the official eager loop in the same dtype is the yardstick for the rounding error
+        diffusion, z, x, _, draw_noise = loop_inputs(steps, state_rows, cfg, 16, z_channels)
+        eager = ddpm_sample_loop_reference(net, diffusion, z.cuda(), x.cuda(), 1.0, cfg,
+                                           lambda step: draw_noise(step, x.cuda()))
+        yardstick = relative_error(eager[:state_rows], reference[:state_rows])
+        bound = min(bound, max(2 * yardstick, GPU_TOLERANCE[torch.float32]))
+    assert torch.isfinite(fused).all()
+    assert error <= bound, f"{preset} {dtype}: relative error {error:.3g} > {bound:.3g}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("state_rows", [5, 200])
+def test_gpu_graph_replay_equals_eager_launch(dtype, state_rows):
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=1, dtype=dtype, device="cuda")
+    diffusion = GaussianDiffusion(10)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    release_fused_cache(net)
+    for call, (cfg, temperature, clip) in enumerate([(2.0, 1.0, None), (3.5, 0.5, None), (2.0, 1.0, (-1.0, 1.0))]):
+        z = torch.randn(2 * state_rows, z_channels, device="cuda", generator=gen)
+        x_t = torch.randn(state_rows, 16, device="cuda", generator=gen)
+        noise = torch.randn(10, state_rows, 16, device="cuda", generator=gen)
+        x = torch.cat([x_t, x_t])
+        eager = ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, noise, clip, use_cuda_graph=False)
+        first = ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, noise, clip)  # eager run + capture
+        replay = ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, noise, clip)
+        assert torch.equal(first, eager), f"call {call}"
+        assert torch.equal(replay, eager), f"call {call}"
+    assert len(packed_head(net).graphs) == 2  # (bucket, cfg, no clip) reused with new cfg/temperature; clip adds one
+
+
+@gpu
+@needs_cuda
+def test_gpu_diffloss_sample_backends_agree_in_bf16():
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    heads = {b: DiffLoss(16, z_channels, depth, width, 100, backend=b) for b in ("torch", "triton")}
+    randomize(heads["torch"].net, 5)
+    heads["triton"].load_state_dict(heads["torch"].state_dict())
+    for head in heads.values():
+        head.to(device="cuda", dtype=torch.bfloat16)
+    head64 = copy.deepcopy(heads["torch"]).double()
+    z, noise = torch.randn(128, z_channels, device="cuda"), torch.randn(64, 16, device="cuda")
+    reference = head64.sample(z.double(), temperature=0.0, cfg=2.9, noise=noise.double())
+    fused = heads["triton"].sample(z, temperature=0.0, cfg=2.9, noise=noise)
+    eager = heads["torch"].sample(z, temperature=0.0, cfg=2.9, noise=noise)
+    assert relative_error(fused[:64], reference[:64].cpu()) <= max(2 * relative_error(eager[:64], reference[:64].cpu()),
+                                                                    GPU_TOLERANCE[torch.float32])
