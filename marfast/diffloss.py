@@ -12,6 +12,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, parse_num_steps, timestep_embedding
+from .fused_training import denoiser_forward_fused
 
 
 BACKENDS = ("auto", "triton", "torch")
@@ -249,7 +250,10 @@ class DiffLoss(nn.Module):
         noise = noise.to(device=x0.device, dtype=work_dtype)
         x_t = self.train_diffusion.q_sample(x0, t, noise)
         param_dtype = self.net.input_proj.weight.dtype
-        out = self.net(x_t.to(param_dtype), t, z.to(param_dtype)).to(work_dtype)
+        if self.backend_for(target.device) == "triton":
+            out = denoiser_forward_fused(self.net, x_t.to(param_dtype), t, z.to(param_dtype)).to(work_dtype)
+        else:
+            out = self.net(x_t.to(param_dtype), t, z.to(param_dtype)).to(work_dtype)
         loss = self.train_diffusion.training_losses(out, x0, x_t, t, noise)
         if mask is not None:
             if mask.shape != (n,):
