@@ -16,11 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .layernorm_modulate import SUPPORTED_DTYPES, _check_rows, backward_programs
+from .layernorm_modulate import SUPPORTED_DTYPES, check_rows, backward_programs
 
 BLOCK_N_MAX = 1024
 MIN_SPLIT_BLOCK_N = 128
 TILE_ELEMENTS = 4096
+NUM_WARPS = 8  # 16 elements per thread and tensor
 
 
 @triton.jit
@@ -85,28 +86,30 @@ def launch_config(n_cols):
     while block_n > MIN_SPLIT_BLOCK_N and triton.cdiv(n_cols, block_n) * block_n * 8 > n_cols * 9:
         block_n //= 2  # keep the masked-off padding of the last column block under 1/8
     block_m = max(1, TILE_ELEMENTS // block_n)
-    return block_m, block_n, 4
+    return block_m, block_n, NUM_WARPS
 
 
-def _check_inputs(**tensors):
-    first = next(iter(tensors.values()))
+def check_same_rows(**tensors):
+    """Check name=tensor pairs are [N, W] tensors of the first one's shape, dtype (float32, float16
+    or bfloat16) and device, each with unit column stride; returns (shape, dtype, device)."""
+    first_name, first = next(iter(tensors.items()))
     if not isinstance(first, torch.Tensor):
-        raise TypeError(f"{next(iter(tensors))} must be a torch.Tensor, got {type(first).__name__}")
+        raise TypeError(f"{first_name} must be a torch.Tensor, got {type(first).__name__}")
     if first.dim() != 2:
-        raise ValueError(f"{next(iter(tensors))} must have shape [N, W], got {tuple(first.shape)}")
+        raise ValueError(f"{first_name} must have shape [N, W], got {tuple(first.shape)}")
     if first.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{next(iter(tensors))} must be float32, float16 or bfloat16, got {first.dtype}")
+        raise TypeError(f"{first_name} must be float32, float16 or bfloat16, got {first.dtype}")
     for name, tensor in tensors.items():
-        _check_rows(name, tensor, first.shape, first.dtype, first.device)
+        check_rows(name, tensor, first.shape, first.dtype, first.device)
     return tuple(first.shape), first.dtype, first.device
 
 
 def gated_residual_forward(x, gate, h, *, out=None):
     """x + gate * h for x, gate, h: [N, W] of one dtype with unit column stride. Returns out [N, W]."""
-    shape, dtype, device = _check_inputs(x=x, gate=gate, h=h)
+    shape, dtype, device = check_same_rows(x=x, gate=gate, h=h)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
-    _check_rows("out", out, shape, dtype, device)
+    check_rows("out", out, shape, dtype, device)
     n_rows, n_cols = shape
     if n_rows == 0 or n_cols == 0:
         return out
@@ -125,13 +128,13 @@ def gated_residual_backward(dout, gate, h, *, dgate=None, dh=None, dh_colsum=Fal
     unit column stride). dx is dout itself. The optional row sums (the bias gradients of the
     Linears that produced h and gate) are reduced in fp32 and returned in h's dtype.
     """
-    shape, dtype, device = _check_inputs(dout=dout, gate=gate, h=h)
+    shape, dtype, device = check_same_rows(dout=dout, gate=gate, h=h)
     if dgate is None:
         dgate = torch.empty(shape, dtype=dtype, device=device)
     if dh is None:
         dh = torch.empty(shape, dtype=dtype, device=device)
-    _check_rows("dgate", dgate, shape, dtype, device)
-    _check_rows("dh", dh, shape, dtype, device)
+    check_rows("dgate", dgate, shape, dtype, device)
+    check_rows("dh", dh, shape, dtype, device)
     n_rows, n_cols = shape
     if n_rows == 0 or n_cols == 0:
         return (dgate, dh, torch.zeros(n_cols, dtype=dtype, device=device) if dh_colsum else None,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-TILE_ELEMENTS = 4096  # elements of one [BLOCK_M, BLOCK_N] tile
+TILE_ELEMENTS = 2048  # elements of one [BLOCK_M, BLOCK_N] tile
 MAX_BLOCK_N = 65536
 CPU_BACKWARD_PROGRAMS = 4
 
@@ -154,7 +154,7 @@ def launch_config(n_cols):
     if block_n > MAX_BLOCK_N:
         raise ValueError(f"rows wider than {MAX_BLOCK_N} columns are not supported, got {n_cols}")
     block_m = max(1, TILE_ELEMENTS // block_n)
-    num_warps = 4 if block_m * block_n <= 4096 else 8
+    num_warps = min(16, max(4, block_m * block_n // 256))  # 8 elements per thread and tensor
     return block_m, block_n, num_warps
 
 
@@ -173,7 +173,7 @@ def backward_programs(n_rows, block_m, device):
     return triton.cdiv(max(n_rows, 1), rows_per_program), rows_per_program
 
 
-def _check_rows(name, tensor, shape, dtype, device):
+def check_rows(name, tensor, shape, dtype, device):
     """A [N, W] float tensor with unit column stride (any row stride), matching shape/dtype/device."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -230,14 +230,14 @@ def layernorm_modulate_forward(x, weight, bias, scale, shift, eps, *, out=None, 
     """
     _check_main(x)
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
-    _check_rows("x", x, shape, dtype, device)
-    _check_rows("scale", scale, shape, dtype, device)
-    _check_rows("shift", shift, shape, dtype, device)
+    check_rows("x", x, shape, dtype, device)
+    check_rows("scale", scale, shape, dtype, device)
+    check_rows("shift", shift, shape, dtype, device)
     _check_vector("weight", weight, shape[1], device)
     _check_vector("bias", bias, shape[1], device)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
-    _check_rows("out", out, shape, dtype, device)
+    check_rows("out", out, shape, dtype, device)
     n_rows, n_cols = shape
     if store_stats:
         mean = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -278,13 +278,13 @@ def layernorm_modulate_backward(dout, x, weight, bias, scale, mean, rstd, *, dre
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
     n_rows, n_cols = shape
     for name, tensor in (("dout", dout), ("x", x), ("scale", scale)):
-        _check_rows(name, tensor, shape, dtype, device)
+        check_rows(name, tensor, shape, dtype, device)
     if dresidual is not None:
-        _check_rows("dresidual", dresidual, shape, dtype, device)
+        check_rows("dresidual", dresidual, shape, dtype, device)
     if recompute_out and shift is None:
         raise ValueError("recompute_out needs shift")
     if shift is not None:
-        _check_rows("shift", shift, shape, dtype, device)
+        check_rows("shift", shift, shape, dtype, device)
     _check_vector("weight", weight, n_cols, device)
     _check_vector("bias", bias, n_cols, device)
     _check_stats("mean", mean, n_rows, device)
@@ -296,11 +296,11 @@ def layernorm_modulate_backward(dout, x, weight, bias, scale, mean, rstd, *, dre
     if dshift is None:
         dshift = torch.empty(shape, dtype=dtype, device=device)
     for name, tensor in (("dx", dx), ("dscale", dscale), ("dshift", dshift)):
-        _check_rows(name, tensor, shape, dtype, device)
+        check_rows(name, tensor, shape, dtype, device)
     if recompute_out:
         if out is None:
             out = torch.empty(shape, dtype=dtype, device=device)
-        _check_rows("out", out, shape, dtype, device)
+        check_rows("out", out, shape, dtype, device)
     else:
         out = None
     out_is_dout = out is not None and out.data_ptr() == dout.data_ptr() and out.stride() == dout.stride()

@@ -10,8 +10,9 @@ and activation memory:
 - LayerNorm + modulate and the gated residual are Triton kernels (marfast.kernels); the
   Linear layers are cuBLAS matmuls with the bias folded in (addmm);
 - each block saves only its input x, the first MLP pre-activation a, the MLP output h and the
-  LayerNorm statistics; the LayerNorm-modulate output and SiLU(a) are recomputed in backward,
-  the former inside the LayerNorm backward kernel, which also adds the residual gradient;
+  LayerNorm statistics; the LayerNorm-modulate output and SiLU(a) are recomputed in backward
+  inside the LayerNorm and SiLU backward kernels, which also add the residual gradient and reduce
+  the bias gradients;
 - for integer timesteps the time embedding is evaluated once for the 1000 training timesteps
   and gathered per row (its gradient is summed per timestep by the gather's backward).
 Tensors are float32, float16 or bfloat16; the kernels accumulate and keep LayerNorm statistics in
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from .diffusion import NUM_TRAIN_TIMESTEPS
 from .kernels.gated_residual import gated_residual_backward, gated_residual_forward
 from .kernels.layernorm_modulate import SUPPORTED_DTYPES, layernorm_modulate_backward, layernorm_modulate_forward
+from .kernels.silu_backward import silu_backward
 
 
 def _no_autocast(device):
@@ -80,11 +82,11 @@ class FusedResBlockFunction(torch.autograd.Function):
         d_modulation = torch.empty((x.shape[0], 3 * width), dtype=x.dtype, device=x.device)
         _, dh, d_fc2_bias, d_gate_sum = gated_residual_backward(
             dout, gate, h, dgate=d_modulation[:, 2 * width:], dh_colsum=True, dgate_colsum=True)
-        d_fc2_weight = dh.t().mm(F.silu(pre_act)) if needs[9] else None
         d_pre_act = dh.mm(fc2_weight)
-        del dh
-        torch.ops.aten.silu_backward.grad_input(d_pre_act, pre_act, grad_input=d_pre_act)
-        d_fc1_bias = d_pre_act.sum(0) if needs[8] else None
+        d_pre_act, act, d_fc1_bias = silu_backward(d_pre_act, pre_act, d_pre_act=d_pre_act, store_act=needs[9],
+                                                   colsum=needs[8])
+        d_fc2_weight = dh.t().mm(act) if needs[9] else None
+        del dh, act
         d_modulated = d_pre_act.mm(fc1_weight)
         dx, d_ln_weight, d_ln_bias, _, _, modulated, (d_scale_sum, d_shift_sum) = layernorm_modulate_backward(
             d_modulated, x, ln_weight, ln_bias, scale, mean, rstd, dresidual=dout, shift=shift,

@@ -19,6 +19,7 @@ from marfast.fused_training import denoiser_forward_fused
 from marfast.kernels.gated_residual import (gated_residual, gated_residual_backward, gated_residual_forward)
 from marfast.kernels.layernorm_modulate import (layernorm_modulate, layernorm_modulate_backward,
                                                 layernorm_modulate_forward)
+from marfast.kernels.silu_backward import SiLUFunction, silu_backward
 
 SHAPES = [(1, 40), (7, 72), (33, 100)]
 FP32_TOL = 2e-5  # max |error| / max |reference| for float32 kernels against float64
@@ -209,6 +210,38 @@ def test_gated_residual_rejects_bad_input():
         gated_residual_forward(x.double(), x.double(), x.double())
 
 
+# ------------------------------------------------------------------ SiLU backward kernel
+
+
+@pytest.mark.parametrize("rows, width", SHAPES)
+@pytest.mark.parametrize("in_place", [False, True])
+def test_silu_backward_matches_float64(rows, width, in_place):
+    torch.manual_seed(rows * 5 + width)
+    pre_act, d_act = torch.randn(rows, width) * 4, torch.randn(rows, width)
+    exact = pre_act.double().requires_grad_()
+    F.silu(exact).backward(d_act.double())
+    buffer = d_act.clone() if in_place else nan_like(d_act)
+    d_pre_act, act, colsum = silu_backward(buffer if in_place else d_act, pre_act, d_pre_act=buffer,
+                                           store_act=True, colsum=True, act=nan_like(pre_act))
+    assert d_pre_act.data_ptr() == buffer.data_ptr()
+    assert_rel(d_pre_act, exact.grad, FP32_TOL, "d_pre_act")
+    assert_rel(act, F.silu(pre_act.double()), FP32_TOL, "act")
+    assert_rel(colsum, exact.grad.sum(0), FP32_TOL, "d_pre_act.sum(0)")
+
+
+def test_silu_function_gradient_and_bad_input(poisoned_allocations):
+    pre_act = (torch.randn(7, 72) * 3).requires_grad_()
+    exact = pre_act.detach().double().requires_grad_()
+    d_act = torch.randn(7, 72)
+    SiLUFunction.apply(pre_act).backward(d_act)
+    F.silu(exact).backward(d_act.double())
+    assert_rel(pre_act.grad, exact.grad, FP32_TOL, "d_pre_act")
+    with pytest.raises(ValueError, match="pre_act must have shape"):
+        silu_backward(d_act, torch.randn(7, 71))
+    with pytest.raises(TypeError, match="pre_act must have dtype"):
+        silu_backward(d_act, torch.randn(7, 72).half())
+
+
 # ------------------------------------------------------------------ the fused denoiser
 
 
@@ -396,6 +429,12 @@ def test_gpu_kernels_low_precision(width, dtype):
     assert_rel(dgate, d(dout) * d(h), tol, "dgate")
     assert_rel(dh, d(dout) * d(gate), tol, "dh")
     assert_rel(dh_sum, (d(dout) * d(gate)).sum(0), tol, "dh.sum(0)")
+    exact = d(h).requires_grad_()
+    F.silu(exact).backward(d(dout))
+    d_pre_act, act, colsum = silu_backward(dout, h, d_pre_act=nan_like(h), store_act=True, colsum=True)
+    assert_rel(d_pre_act, exact.grad, tol, "silu d_pre_act")
+    assert_rel(act, F.silu(d(h)), tol, "silu act")
+    assert_rel(colsum, exact.grad.sum(0), tol, "silu d_pre_act.sum(0)")
 
 
 @gpu
