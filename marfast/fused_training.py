@@ -44,6 +44,12 @@ def _modulation_backward(d_modulation, silu_y, ada_weight, d_ada_bias, needs):
     return d_silu_y, d_ada_weight, d_ada_bias if needs[2] else None
 
 
+def _check_modulation_is_detached(ctx):
+    if ctx.needs_input_grad[1]:
+        raise ValueError("modulation must not require grad: its gradient reaches silu_y, ada_weight and ada_bias "
+                         "through the Function's own backward (compute it under torch.no_grad())")
+
+
 class FusedResBlockFunction(torch.autograd.Function):
     """One ResBlock: x + gate * fc2(SiLU(fc1(LN(x) * (1 + scale) + shift))).
 
@@ -59,6 +65,7 @@ class FusedResBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, modulation, silu_y, ada_weight, ada_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                 fc2_weight, fc2_bias, eps):
+        _check_modulation_is_detached(ctx)
         width = x.shape[1]
         shift, scale, gate = modulation[:, :width], modulation[:, width:2 * width], modulation[:, 2 * width:]
         modulated, mean, rstd = layernorm_modulate_forward(x, ln_weight, ln_bias, scale, shift, eps)
@@ -111,6 +118,7 @@ class FusedFinalLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, modulation, silu_y, ada_weight, ada_bias, weight, bias, eps):
+        _check_modulation_is_detached(ctx)
         width = x.shape[1]
         modulated, mean, rstd = layernorm_modulate_forward(
             x, None, None, modulation[:, width:], modulation[:, :width], eps)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from marfast import DiffLoss
 from marfast.diffloss import SimpleMLPAdaLN
-from marfast.fused_training import denoiser_forward_fused
+from marfast.fused_training import FusedResBlockFunction, denoiser_forward_fused
 from marfast.kernels.gated_residual import (gated_residual, gated_residual_backward, gated_residual_forward)
 from marfast.kernels.layernorm_modulate import (layernorm_modulate, layernorm_modulate_backward,
                                                 layernorm_modulate_forward)
@@ -306,6 +306,29 @@ def test_denoiser_forward_fused_float_timesteps():
         assert_rel(g, e, 1e-4, f"d{name}")
 
 
+@pytest.mark.parametrize("mode", ["fp16_parameters", "fp16_autocast"])
+def test_denoiser_forward_fused_fp16_no_worse_than_eager(mode):
+    """fp16 under the interpreter (bf16 is GPU-only): fp16 parameters, or fp32 parameters under
+    fp16 autocast (fp16 compute, fp32 gradients). Errors against float64 within 2x eager's + 2e-3."""
+    net = random_net(5, 40, 24, 2, seed=9)
+    exact_net, eager_net = copy.deepcopy(net).double(), copy.deepcopy(net)
+    if mode == "fp16_parameters":
+        net, eager_net = net.half(), eager_net.half()
+    rows = 33
+    x, c, t = torch.randn(rows, 5), torch.randn(rows, 24), torch.randint(0, 1000, (rows,))
+    dout = torch.randn(rows, 10)
+    cast = torch.float16 if mode == "fp16_parameters" else torch.float32
+    with torch.autocast("cpu", dtype=torch.float16, enabled=mode == "fp16_autocast"):
+        fused, fused_grads = run_with_grads(denoiser_forward_fused, net, x.to(cast), t, c.to(cast), dout)
+        eager, eager_grads = run_with_grads(lambda n, *a: n(*a), eager_net, x.to(cast), t, c.to(cast), dout)
+    exact, exact_grads = run_with_grads(lambda n, *a: n(*a), exact_net, x.double(), t, c.double(), dout.double())
+    assert fused.dtype == torch.float16
+    for name, got, ref, ex in zip(["out"] + grad_names(net), [fused] + fused_grads, [eager] + eager_grads,
+                                  [exact] + exact_grads):
+        assert got.dtype == ref.dtype, name
+        assert rel_err(got, ex) <= 2 * rel_err(ref, ex) + 2e-3, (name, rel_err(got, ex), rel_err(ref, ex))
+
+
 def test_denoiser_forward_fused_rejects_bad_input():
     net = random_net(3, 40, 8, 1, seed=0)
     x, t, c = torch.randn(4, 3), torch.randint(0, 1000, (4,)), torch.randn(4, 8)
@@ -321,6 +344,12 @@ def test_denoiser_forward_fused_rejects_bad_input():
         denoiser_forward_fused(net, x, t, torch.randn(4, 8, device="meta"))
     with pytest.raises(TypeError, match="float32, float16 or bfloat16, got torch.float64"):
         denoiser_forward_fused(copy.deepcopy(net).double(), x, t, c)
+    block, ada = net.res_blocks[0], net.res_blocks[0].adaLN_modulation[1]
+    silu_y = torch.randn(4, 40)
+    with pytest.raises(ValueError, match="modulation must not require grad"):
+        FusedResBlockFunction.apply(torch.randn(4, 40), torch.randn(4, 120, requires_grad=True), silu_y, ada.weight,
+                                    ada.bias, block.in_ln.weight, block.in_ln.bias, block.mlp[0].weight,
+                                    block.mlp[0].bias, block.mlp[2].weight, block.mlp[2].bias, 1e-6)
 
 
 def saved_activation_bytes(fn):
