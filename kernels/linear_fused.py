@@ -218,21 +218,23 @@ def _pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _candidate_configs(M, N, K):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size."""
-    k_cap = max(16, _pow2(K))
+def _candidate_configs(M, N, K, element_bytes=2):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size.
+
+    fp32 operands (element_bytes 4) take half the K depth per stage; the last candidate is small
+    enough for any device's shared memory.
+    """
+    k_cap = max(16, _pow2(K)) if element_bytes == 2 else max(16, min(_pow2(K), 32))
     if interpreting():
         return [(min(64, max(16, _pow2(M))), min(64, max(32, _pow2(N))), min(64, k_cap), 4, 1)]
-    if M <= 64:
+    if M <= 64:  # weight-streaming bound: many narrow column tiles
         bm = max(16, _pow2(M))
-        shapes = [(bm, 32, 128, 4, 4), (bm, 64, 64, 4, 4), (bm, 32, 64, 4, 6), (bm, 64, 128, 4, 3),
-                  (bm, 128, 64, 4, 4)]
+        shapes = [(bm, 32, 128, 4, 4), (bm, 64, 64, 4, 4), (bm, 32, 64, 4, 6)]
     elif M <= 512:
-        shapes = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-                  (64, 32, 128, 4, 4)]
-    else:
-        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3),
-                  (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+        shapes = [(64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
+    else:  # matmul bound: large tiles (configurations that overflow shared memory are skipped)
+        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
+    shapes.append((min(64, max(16, _pow2(M))), 64, 32, 4, 2))
     n_cap = max(32, _pow2(N))
     picked = []
     for bm, bn, bk, warps, stages in shapes:
@@ -356,7 +358,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
 
     key = (prologue, epilogue, stats_out is not None, silu_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device))
-    run(_tuned_config(key, _candidate_configs(M, N, K), run))
+    run(_tuned_config(key, _candidate_configs(M, N, K, weight.element_size()), run))
     return out
 
 
@@ -431,6 +433,7 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
         _check_vector("ln_weight", ln_weight, k, device)
         _check_vector("ln_bias", ln_bias, k, device)
     _check_matrix("out", out, rows, None, device)
+    _check_no_alias("out", out, "residual", residual)
     prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
     return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
                    ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU)

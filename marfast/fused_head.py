@@ -28,6 +28,7 @@ steps, load_state_dict, `.to()`); writes through `.data` bypass version counters
 `release_fused_cache(net)` after those. Nothing is registered on the module: the state dict does
 not change.
 """
+import contextlib
 import math
 import weakref
 from collections import OrderedDict
@@ -222,7 +223,8 @@ class _CapturedLoop:
 
 
 def _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0):
-    key = (bucket_rows(rows), use_cfg, clip_x0 is not None, tuple(diffusion.timestep_map.tolist()))
+    key = (bucket_rows(rows), use_cfg, clip_x0 is not None, tuple(diffusion.timestep_map.tolist()),
+           torch.get_float32_matmul_precision())  # fp32 dots bake IEEE vs TF32 into the graph
     captured = pack.graphs.get(key)
     if captured is not None:
         pack.graphs.move_to_end(key)
@@ -309,7 +311,10 @@ def ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, c
     rows, clip_x0 = _check_inputs(pack, diffusion, z, x, step_noise, use_cfg, clip_x0)
     if rows == 0:
         return torch.empty(0, pack.channels, device=pack.device, dtype=torch.float32)
-    with torch.inference_mode(False), torch.no_grad():
+    # the kernels fix their own precisions: autocast (the official sampler runs under it) must not
+    # change the dtype of the cached time embeddings or of the modulation GEMM
+    on_device = torch.cuda.device(pack.device) if pack.device.type == "cuda" else contextlib.nullcontext()
+    with on_device, torch.inference_mode(False), torch.no_grad(), torch.autocast(pack.device.type, enabled=False):
         if pack.device.type == "cuda" and use_cuda_graph:
             out = _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0)
         else:
