@@ -221,23 +221,22 @@ def _pow2(n):
 def _candidate_configs(M, N, K, element_bytes=2):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size.
 
-    fp32 operands (element_bytes 4) take half the K depth per stage; the last candidate is small
-    enough for any device's shared memory.
+    The last one is a fallback small enough for any device's shared memory, tried only when no
+    other candidate fits; fp32 operands (element_bytes 4) take half the K depth per stage.
     """
     k_cap = max(16, _pow2(K)) if element_bytes == 2 else max(16, min(_pow2(K), 32))
+    small_m = min(64, max(16, _pow2(M)))
     if interpreting():
-        return [(min(64, max(16, _pow2(M))), min(64, max(32, _pow2(N))), min(64, k_cap), 4, 1)]
+        return [(small_m, min(64, max(32, _pow2(N))), min(64, max(16, _pow2(K))), 4, 1)]
     if M <= 64:  # weight-streaming bound: many narrow column tiles
-        bm = max(16, _pow2(M))
-        shapes = [(bm, 32, 128, 4, 4), (bm, 64, 64, 4, 4), (bm, 32, 64, 4, 6)]
+        shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4)]
     elif M <= 512:
-        shapes = [(64, 32, 128, 4, 4), (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
-    else:  # matmul bound: large tiles (configurations that overflow shared memory are skipped)
-        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)]
-    shapes.append((min(64, max(16, _pow2(M))), 64, 32, 4, 2))
+        shapes = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
+    else:  # matmul bound: large tiles
+        shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
     n_cap = max(32, _pow2(N))
     picked = []
-    for bm, bn, bk, warps, stages in shapes:
+    for bm, bn, bk, warps, stages in shapes + [(small_m, 64, 32, 4, 2)]:
         config = (bm, min(bn, n_cap), min(bk, k_cap), warps, stages)
         if config not in picked:
             picked.append(config)
@@ -250,7 +249,7 @@ TUNE_QUEUE_CYCLES = 5_000_000
 
 
 def _tuned_config(key, candidates, launch):
-    """The fastest candidate for `key` (timed once with CUDA events), or the only candidate.
+    """The fastest fitting candidate for `key` (timed once with CUDA events), or the only candidate.
 
     launch(config) runs the kernel; every launcher's kernel is idempotent (outputs never alias
     inputs), so timing reruns are harmless.
@@ -263,7 +262,9 @@ def _tuned_config(key, candidates, launch):
         raise RuntimeError(f"linear_fused: configuration for {key} was not tuned before CUDA graph capture; "
                            "run the same launch once eagerly first")
     timings = {}
-    for config in candidates:
+    for i, config in enumerate(candidates):
+        if timings and i == len(candidates) - 1:
+            break  # the fallback is for devices where nothing else fits
         try:
             launch(config)
         except triton.runtime.errors.OutOfResources:
