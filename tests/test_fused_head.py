@@ -298,6 +298,7 @@ def test_diffloss_sample_triton_backend_matches_torch_backend():
     assert relative_error(out[:5], ref[:5].double().cpu()) < 1e-5
     drawn = heads["triton"].sample(z[:3], temperature=1.0, generator=torch.Generator(DEVICE).manual_seed(1))
     assert drawn.shape == (3, 16) and torch.isfinite(drawn).all()
+    assert list(heads["triton"].state_dict()) == list(heads["torch"].state_dict())  # nothing registered by sampling
     with pytest.raises(TypeError, match="float64"):
         heads["triton"].sample(z.double())
 
