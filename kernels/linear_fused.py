@@ -47,6 +47,12 @@ EPILOGUE_GATED_RESIDUAL = 2
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Above this many rows the LN-modulate prologue is written once to a buffer in the weight dtype and
+# the GEMM reads it plainly: fused into the prologue, the fp32 residual and the two modulation
+# tiles would be re-read by every column tile of the GEMM (4x a plain GEMM's A traffic, without
+# asynchronous copies). The dot inputs are identical either way.
+PROLOGUE_MAX_ROWS = 64
+
 
 @triton.jit
 def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
@@ -119,6 +125,24 @@ def _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd,
     shift = tl.load(shift_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     return tl.where(mask, normed * (1.0 + scale) + shift, 0.0)
+
+
+@triton.jit
+def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr, out_ptr,
+                        M, K, stride_xm, stride_stats_m, stride_mod_m, stride_om, ln_eps,
+                        AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                        STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr):
+    """out[M, K] = the LN_MODULATE prologue of A, stored once in out's dtype (the weight dtype)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    mean, rstd = _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, K, ln_eps,
+                                      BLOCK_M, STATS_GROUP, STATS_CHUNK)
+    h = _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd, ln_weight_ptr, ln_bias_ptr,
+                          shift_ptr, scale_ptr, stride_mod_m, AFFINE)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -229,7 +253,7 @@ def _candidate_configs(M, N, K, element_bytes=2):
     if interpreting():
         return [(small_m, min(64, max(32, _pow2(N))), min(64, max(16, _pow2(K))), 4, 1)]
     if M <= 64:  # weight-streaming bound: many narrow column tiles
-        shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4)]
+        shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4), (small_m, 16, 256, 4, 3), (small_m, 16, 128, 4, 4)]
     elif M <= 512:
         shapes = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
     else:  # matmul bound: large tiles
@@ -435,6 +459,15 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
         _check_vector("ln_bias", ln_bias, k, device)
     _check_matrix("out", out, rows, None, device)
     _check_no_alias("out", out, "residual", residual)
+    if rows > PROLOGUE_MAX_ROWS:
+        modulated = torch.empty(rows, k, device=device, dtype=weight.dtype)
+        block_m, block_k = 32, 128
+        _ln_modulate_kernel[(triton.cdiv(rows, block_m), triton.cdiv(k, block_k))](
+            residual, stats, residual if ln_weight is None else ln_weight, residual if ln_bias is None else ln_bias,
+            shift, scale, modulated, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), modulated.stride(0),
+            float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4)
+        return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU)
     prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
     return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
                    ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU)

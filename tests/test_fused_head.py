@@ -17,6 +17,7 @@ from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import bucket_rows, ddpm_sample_loop_fused, packed_head, release_fused_cache
 from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
+from marfast.kernels import linear_fused
 from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual,
                                           linear_ln_modulate_silu, stats_shape)
 
@@ -97,9 +98,12 @@ def test_input_projection_writes_residual_stats_and_adaln_input(state_rows, repe
     assert_close64(silu, F.silu(time_row.double() + cond.double()))
 
 
+@pytest.mark.parametrize("two_pass", [False, True], ids=["prologue", "two_pass"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("rows,width,n", [(7, 40, 72), (33, 72, 40), (1, 40, 40)])
-def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine):
+def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine, two_pass, monkeypatch):
+    """Both paths: LN-modulate fused into the GEMM prologue (few rows) or written once, then a plain GEMM."""
+    monkeypatch.setattr(linear_fused, "PROLOGUE_MAX_ROWS", 0 if two_pass else 1 << 30)
     torch.manual_seed(rows + width)
     x = torch.randn(rows, width) * 2 + 3
     modulation = torch.randn(rows, 3 * width).to(DEVICE)  # shift and scale are strided views, as in the loop
@@ -323,15 +327,19 @@ GPU_CLIP = (-2.0, 2.0)  # random heads drive x0 far out otherwise (fp16 would ov
 @pytest.mark.parametrize("preset", sorted(RELEASED_HEADS))
 @pytest.mark.parametrize("state_rows,cfg", [(37, 3.0), (300, 1.0)])
 def test_gpu_fused_loop_parity_at_released_sizes(preset, dtype, state_rows, cfg):
+    """fp32: the 20-step loop against float64. bf16/fp16: one step at t = 0 (every kernel of the
+    loop runs once): a random head's multi-step trajectory is chaotic (the first step amplifies eps
+    by sqrt(abar_prev / abar_999) ~ 600 before clipping), so in low precision the loop's maximum
+    error measures luck, not the kernels; one step measures rounding, against the official eager
+    loop in the same dtype as the yardstick."""
     depth, width, z_channels = RELEASED_HEADS[preset]
     net = make_net(width, depth, z_channels=z_channels, seed=depth, dtype=dtype, device="cuda")
     net64 = copy.deepcopy(net).double()  # same (rounded) weights, float64 math, on the GPU
-    steps = 20
+    steps = 20 if dtype == torch.float32 else 1
     fused, reference = run_both(net, steps, state_rows, cfg, 1.0, GPU_CLIP, net64=net64, device="cuda")
     error = relative_error(fused[:state_rows], reference[:state_rows])
     bound = GPU_TOLERANCE[dtype]
     if dtype != torch.float32:
-        # the official eager loop in the same dtype is the yardstick for the rounding error
         diffusion, z, x, _, draw_noise = loop_inputs(steps, state_rows, cfg, 16, z_channels)
         x = x.cuda()
         eager = ddpm_sample_loop_reference(net, diffusion, z.cuda(), x, 1.0, cfg, lambda step: draw_noise(step, x),
