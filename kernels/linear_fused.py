@@ -47,6 +47,7 @@ EPILOGUE_GATED_RESIDUAL = 2
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# Column tiles are at least STATS_GROUP wide (the statistics epilogue works on whole groups).
 # Above this many rows the LN-modulate prologue is written once to a buffer in the weight dtype and
 # the GEMM reads it plainly: fused into the prologue, the fp32 residual and the two modulation
 # tiles would be re-read by every column tile of the GEMM (4x a plain GEMM's A traffic, without
@@ -253,7 +254,7 @@ def _candidate_configs(M, N, K, element_bytes=2):
     if interpreting():
         return [(small_m, min(64, max(32, _pow2(N))), min(64, max(16, _pow2(K))), 4, 1)]
     if M <= 64:  # weight-streaming bound: many narrow column tiles
-        shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4), (small_m, 16, 256, 4, 3), (small_m, 16, 128, 4, 4)]
+        shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4), (small_m, 32, 256, 4, 3)]
     elif M <= 512:
         shapes = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3)]
     else:  # matmul bound: large tiles
