@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -466,3 +467,73 @@ class Trainer:
         if writer is not None:
             writer.close()
         return self.history
+
+
+# ------------------------------------------------------------------------------------------------
+# command line (`marfast train`, `marfast cache-latents`)
+def add_train_arguments(parser):
+    """Every TrainConfig field as a --flag (underscores become dashes), defaults from TrainConfig."""
+    defaults = TrainConfig(output_dir="")
+    parser.add_argument("--output-dir", required=True, help="checkpoints, EMA weights and logs")
+    parser.add_argument("--model", default=defaults.model,
+                        help=f"preset ({', '.join(sorted(PRESETS))}) or a save_pretrained directory (default: %(default)s)")
+    parser.add_argument("--diffloss-d", type=int, default=None, help="head depth (preset models)")
+    parser.add_argument("--diffloss-w", type=int, default=None, help="head width (preset models)")
+    parser.add_argument("--diffusion-batch-mul", type=int, default=4, help="default: %(default)s")
+    for name in ("cached_path", "data_path", "vae_path"):
+        parser.add_argument("--" + name.replace("_", "-"), default="")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("output_dir", "model", "model_kwargs", "cached_path", "data_path", "vae_path", "resume", "progress"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            parser.add_argument(flag, action="store_true", help=f"default: {value}")
+        else:
+            parser.add_argument(flag, type=type(value), default=value, help="default: %(default)s")
+    parser.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint-last.pth")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def config_from_args(args):
+    model_kwargs = {"diffusion_batch_mul": args.diffusion_batch_mul}
+    for name in ("diffloss_d", "diffloss_w"):
+        if getattr(args, name) is not None:
+            model_kwargs[name] = getattr(args, name)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs", "resume", "progress"}
+    return TrainConfig(model_kwargs=model_kwargs, resume=not args.no_resume, progress=not args.no_progress,
+                       **{name: getattr(args, name) for name in fields})
+
+
+def run_train(parser, args):
+    try:
+        config = config_from_args(args).check()
+    except ValueError as err:
+        parser.error(str(err))
+    Trainer(config).train()
+    return 0
+
+
+def add_cache_arguments(parser):
+    parser.add_argument("--data-path", required=True, help="image folder: <class>/<image>")
+    parser.add_argument("--vae", required=True, help="kl16.ckpt or kl16.safetensors")
+    parser.add_argument("--out", required=True, help="cache directory (resumable)")
+    parser.add_argument("--img-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None)
+    return parser
+
+
+def run_cache_latents(parser, args):
+    from .vae import load_vae
+
+    if not Path(args.data_path).is_dir():
+        parser.error(f"--data-path {args.data_path!r} is not a directory")
+    if args.img_size < 1 or args.batch_size < 1:
+        parser.error("--img-size and --batch-size must be positive")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = load_vae(args.vae, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = cache_latents(vae, args.data_path, args.out, img_size=args.img_size, batch_size=args.batch_size)
+    print(f"latents cached under {out}")
+    return 0
