@@ -3,13 +3,15 @@ cross-entropy MAR, raster- and random-order causal AR with the Diffusion Loss he
 and the k-means patch tokenizer they train on.
 
 The training tests (marked slow) train each variant briefly on the digits training split (one
-CPU thread) and judge generated digits with the logistic-regression classifier of
-`marfast.recipes.digits_quality.DigitsJudge`, fitted on the real training split (lbfgs,
-deterministic; it recognises about 98% of the real held-out digits). Chance is 10%. Thresholds:
-50% (five times chance, half the classifier's ceiling) for every variant but random-order AR,
-which learns slowest in a ~20 s budget (about 60% here; the order-dependent conditionals are
-the hardest to fit), where the threshold is 40% (four times chance). An untrained model or one
-whose class conditioning is lost scores near 10%.
+CPU thread, 12-35 s each on a loaded 2-core machine) and judge generated digits with the
+logistic-regression classifier of `marfast.recipes.digits_quality.DigitsJudge`, fitted on the real
+training split (lbfgs, deterministic; it recognises 98% of the real held-out digits). Chance is
+10%. Thresholds: 50% (five times chance, half the classifier's ceiling) for every variant but
+random-order AR; measured here: discrete documented 100% (one greedy image per class), discrete
+MaskGIT 82-95%, cross-entropy MAR 98%, raster AR 88-97%. Random-order AR learns slowest in such a
+budget (the conditionals of arbitrary orders are the hardest to fit; 53-74% here across seeds and
+step counts), so its threshold is 40% (four times chance). An untrained model, or one whose class
+conditioning or order handling is broken, scores near 10%.
 """
 import math
 
@@ -40,7 +42,6 @@ def digits():
 
 @pytest.fixture(scope="module")
 def judge(digits):
-    pytest.importorskip("sklearn")
     from marfast.recipes.digits_quality import DigitsJudge
 
     return DigitsJudge(digits)
@@ -461,7 +462,7 @@ def test_discrete_mar_generates_recognisable_digits(mode, digits, judge, vq):
     model = DiscreteMAR.build(VOCAB, embed_dim=64, num_layers=2, num_heads=4, seq_len=16, dropout=0.0, mode=mode,
                               num_classes=10)
     fit(model, lambda idx, g: model.training_loss(tokens[idx], digits.train_labels[idx], generator=g),
-        len(tokens), steps=250, lr=2e-3, batch_size=128)
+        len(tokens), steps=200, lr=2e-3, batch_size=128)
     # documented decoding is greedy: one image per class (rows with one label are identical)
     labels = torch.arange(10) if mode == "documented" else LABELS
     decoded = model.iterative_decode(num_steps=8, batch_size=len(labels), labels=labels,
@@ -477,14 +478,14 @@ def test_cross_entropy_mar_generates_recognisable_digits(digits, judge, vq):
     model = tiny_ce_mar(code_embed_dim=16, encoder_embed_dim=64, encoder_num_heads=4, decoder_embed_dim=64,
                         decoder_num_heads=4, attn_dropout=0.0, proj_dropout=0.0, mask_ratio_min=0.5, tokenizer=vq)
     fit(model, lambda idx, g: model(codes[idx], digits.train_labels[idx], generator=g), len(codes),
-        steps=250, lr=4e-3, batch_size=128)
+        steps=200, lr=4e-3, batch_size=128)
     images = model.sample(LABELS, num_iter=8, cfg=3.0, temperature=1.0, seed=1, progress=False)
     score = accuracy(judge, images, LABELS)
     assert score >= 0.5, f"classifier accuracy {score:.2f} on generated digits"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order, steps, threshold", [("raster", 300, 0.5), ("random", 600, 0.4)])
+@pytest.mark.parametrize("order, steps, threshold", [("raster", 250, 0.5), ("random", 500, 0.4)])
 def test_causal_ar_generates_recognisable_digits(order, steps, threshold, digits, judge):
     from marfast.tokenizer import PixelPatchTokenizer
 
@@ -494,9 +495,9 @@ def test_causal_ar_generates_recognisable_digits(order, steps, threshold, digits
     model = CausalAR(order, img_size=8, vae_stride=2, vae_embed_dim=4, encoder_embed_dim=64, encoder_depth=1,
                      encoder_num_heads=4, decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, class_num=10,
                      attn_dropout=0.0, proj_dropout=0.0, diffloss_d=2, diffloss_w=64, num_sampling_steps="25",
-                     diffusion_batch_mul=1, sample_clip=(-1.0, 1.0), tokenizer=tokenizer)
+                     diffusion_batch_mul=4, sample_clip=(-1.0, 1.0), tokenizer=tokenizer)
     fit(model, lambda idx, g: model(latents[idx], digits.train_labels[idx], generator=g), len(latents),
-        steps=steps, lr=1e-2, batch_size=64)
+        steps=steps, lr=1e-2, batch_size=32)
     images = model.sample(LABELS, cfg=3.0, temperature=0.5, seed=1)
     score = accuracy(judge, images, LABELS)
     assert score >= threshold, f"{order} order: classifier accuracy {score:.2f} on generated digits"
