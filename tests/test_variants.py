@@ -501,3 +501,42 @@ def test_causal_ar_generates_recognisable_digits(order, steps, threshold, digits
     images = model.sample(LABELS, cfg=3.0, temperature=0.5, seed=1)
     score = accuracy(judge, images, LABELS)
     assert score >= threshold, f"{order} order: classifier accuracy {score:.2f} on generated digits"
+
+
+# ------------------------------------------------------------------------------------------------
+# on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_variants_on_cuda():
+    device = torch.device("cuda")
+
+    def generator(seed=0):
+        return torch.Generator(device=device).manual_seed(seed)
+
+    labels = torch.arange(3, device=device)
+    for order in ("raster", "random"):
+        model = tiny_ar(order).to(device)
+        model.diffloss.backend = "torch"  # the reference head: the comparison is about the transformer
+        cached = model.generate(3, cfg=2.0, labels=labels, generator=generator())
+        full = model.generate(3, cfg=2.0, labels=labels, generator=generator(), use_cache=False)
+        # fp32 on CUDA: one-query and causal-square attention may run different SDPA kernels
+        torch.testing.assert_close(cached[2], full[2], rtol=1e-4, atol=1e-4)
+        model.diffloss.backend = "auto"
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            latents = model.sample_tokens(3, cfg=2.0, labels=labels, generator=generator())
+        assert latents.shape == (3, 4, 4, 4) and latents.device.type == "cuda" and torch.isfinite(latents).all()
+    discrete = tiny_discrete("maskgit", num_classes=10).to(device)
+    for mode in ("documented", "maskgit"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            decoded = iterative_decode(discrete, batch_size=3, labels=labels, mode=mode, generator=generator())
+        assert decoded.shape == (3, 16) and decoded.device.type == "cuda"
+    assert bool((decoded != MASK_TOKEN_ID).all())
+    loss = discrete.train().training_loss(torch.randint(1, VOCAB, (4, 16), device=device),
+                                          torch.arange(4, device=device), generator=generator())
+    loss.backward()
+    assert torch.isfinite(loss)
+    cross_entropy = tiny_ce_mar().to(device).eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        codes = cross_entropy.sample_tokens(3, num_iter=4, cfg=2.0, labels=labels, generator=generator())
+    assert codes.shape == (3, 16) and codes.device.type == "cuda" and int(codes.max()) < NUM_CODES
