@@ -1,8 +1,8 @@
 """Discrete-token masked generation: the Elixir `MAR` module's API (MaskGIT-style confidence
 decoding) in two modes, and `CrossEntropyMAR`, the MAR transformer with a softmax head.
 
-1. `DiscreteMAR`: the module documented as `Edifice.Generative.MAR` (Elixir/Axon; see
-   shared/seeds/discrete-mar-elixir-doc.txt): token embedding plus sinusoidal positions, a stack
+1. `DiscreteMAR`: the module documented as `Edifice.Generative.MAR` (Elixir/Axon, the `edifice`
+   package on hexdocs.pm): token embedding plus sinusoidal positions, a stack
    of bidirectional pre-norm blocks (`marfast.mar.Block`), LayerNorm and a dense layer to logits.
    The vocabulary includes [MASK] at id 0. Tokens of a tokenizer with K codes are ids 1..K
    (`codes_to_tokens`, `tokens_to_codes`), so `vocab_size = K + 1`.
@@ -33,7 +33,8 @@ decoding) in two modes, and `CrossEntropyMAR`, the MAR transformer with a softma
                      although the text says "moderate"
    ratio per         training step (one r for the batch)          sample (one r per row)
    unmask schedule   linear: after step k, round((1 - k/K) L)     cosine: floor(L cos(pi k / 2K)),
-                     stay masked (round half away from zero)      at least one revealed per step
+                     stay masked (round half away from zero)      clamped so that each step reveals
+                                                                  at least one, all by step K
    token choice      greedy argmax of the logits over the whole   a draw from softmax(logits / T)
                      vocabulary: [MASK] itself can be chosen      with [MASK] excluded (T = 0: argmax)
    confidence        max softmax(logits / T), whole vocabulary   log softmax(logits) of the drawn token
@@ -50,8 +51,10 @@ decoding) in two modes, and `CrossEntropyMAR`, the MAR transformer with a softma
    optional class conditioning (a learned class vector prepended to the sequence, with a
    "no label" row for unconditional use and label dropping in training); a learned token
    embedding (the Elixir source multiplies a one-hot by the fixed matrix iota(V, D) / sqrt(D),
-   which the documentation does not state and which LayerNorm makes nearly blind to the token id);
-   a fused q/k/v projection and no 1e-8 in the attention softmax's denominator.
+   which the documentation does not state: row v is the constant v sqrt(D) plus a ramp shared by
+   all tokens, and every pre-norm LayerNorm removes that constant, so in eval mode its outputs do
+   not depend on the token ids); a fused q/k/v projection and no 1e-8 in the attention softmax's
+   denominator.
 
 2. `CrossEntropyMAR`: `marfast.mar.MAR` (its encoder/decoder, buffer, masking and cosine AR
    schedule) on the codes of a VQ tokenizer, with an embedding of the codes in place of the latent
