@@ -92,7 +92,11 @@ class KVCache:
 
 class CausalAttention(Attention):
     """`marfast.mar.Attention` (same parameters) with causal masking and an optional KV cache:
-    x [B, n, D] (the n newest positions) -> [B, n, D]."""
+    x [B, n, D] (the n newest positions) -> [B, n, D]. The attention always runs through
+    `causal_attention` (PyTorch SDPA), whatever MARFAST_ATTENTION says."""
+
+    def extra_repr(self):
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, attention=sdpa (causal)"
 
     def forward(self, x, cache=None):
         b, n, d = x.shape
