@@ -163,11 +163,10 @@ def test_variant_sampling(benchmark, bench, batch, variant):
             raise AssertionError("the sampled tokens contain NaN or inf")
 
     steps = num_iter if variant in ("mar_diffloss", "mar_cross_entropy", "discrete_mar_maskgit") else model.seq_len
-    params = {"size": size["name"], "batch": batch, "variant": variant, "generation_steps": steps,
-              "width": size["width"], "blocks": 2 * size["depth"], "heads": size["heads"], "tokens": model.seq_len,
-              "head": f"{size['diffloss_d']}x{size['diffloss_w']}" if variant in DIFFLOSS_VARIANTS else "softmax",
-              "ddpm_steps": size["ddpm_steps"] if variant in DIFFLOSS_VARIANTS else None,
-              "vocab": size["vocab"] if variant not in DIFFLOSS_VARIANTS else None, "cfg": 1.0, "temperature": 1.0,
+    params = {"size": size["name"], "batch": batch, "width": size["width"], "blocks": 2 * size["depth"],
+              "heads": size["heads"], "tokens": model.seq_len, "mar_steps": num_iter,
+              "diffusion_head": f"{size['diffloss_d']}x{size['diffloss_w']}", "ddpm_steps": size["ddpm_steps"],
+              "vocab": size["vocab"], "cfg": 1.0, "temperature": 1.0,
               "precision": "bf16 autocast, fp32 transformer weights, bf16 head weights" if bench.on_gpu else "fp32"}
     detail = {"mar_diffloss": "MAR.sample_tokens (reference loop), DiffLoss backend 'auto'",
               "mar_cross_entropy": "CrossEntropyMAR.sample_tokens",
@@ -180,5 +179,7 @@ def test_variant_sampling(benchmark, bench, batch, variant):
                           work=sampling_work(variant, size, batch), params=params,
                           warmup_calls=1, target_s=None if bench.on_gpu else 0.4, check_output=check,
                           notes=["equal model size across variants; no CFG; random weights"])
+    benchmark.extra_info["variant"] = {"generation_steps": steps,
+                                       "head": "diffusion" if variant in DIFFLOSS_VARIANTS else "softmax"}
     mar_median = bench.medians.get((info["case_key"], "mar_diffloss"))
     benchmark.extra_info["relative_to_mar"] = None if mar_median is None else mar_median / info["median_s"]
