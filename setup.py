@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=["marfast", "marfast.kernels"],
     package_dir={"marfast": "marfast", "marfast.kernels": "kernels"},
-    package_data={"marfast": ["weights/*"]},
+    package_data={"marfast": ["weights/*/*"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "safetensors", "tqdm", "pillow"],
     extras_require={

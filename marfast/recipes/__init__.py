@@ -1,0 +1,1 @@
+"""Training recipes that reproduce the models shipped inside the package (`digits`)."""
