@@ -1,6 +1,10 @@
 """The `marfast` command line.
 
     marfast sample --model digits --classes 0 1 2 --per-class 8 --seed 0 --out grid.png
+    marfast sample --checkpoint checkpoint-last.pth --vae kl16.ckpt --classes 207 360 --out pngs/
+    marfast sample --checkpoint checkpoint-last.pth --vae kl16.ckpt --num-images 50000 --npz --out fid/
+    marfast train --model mar_base --cached-path latents/ --output-dir runs/b   (torchrun for many GPUs)
+    marfast cache-latents --data-path imagenet/train --vae kl16.ckpt --out latents/
     marfast train-digits --out my-digits
 
 Bad arguments exit with status 2 and a message naming the problem.
@@ -18,8 +22,14 @@ GRID_PAD = 2
 
 
 def add_sample_arguments(parser):
-    parser.add_argument("--model", default="digits",
-                        help="packaged model name, save_pretrained directory or checkpoint file (default: %(default)s)")
+    parser.add_argument("--model", "--checkpoint", dest="model", default="digits",
+                        help="packaged model name, hub name (mar-base, ...), save_pretrained directory or checkpoint "
+                             "file (default: %(default)s)")
+    parser.add_argument("--vae", default=None, help="KL-16 VAE checkpoint (kl16.ckpt / kl16.safetensors) or 'kl16'")
+    parser.add_argument("--num-images", type=int, default=None,
+                        help="with --npz: generate this many class-balanced images (sharded, resumable, torchrun-aware)")
+    parser.add_argument("--npz", action="store_true", help="write --out DIR/samples_N.npz for FID tools")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch (default: %(default)s)")
     parser.add_argument("--classes", type=int, nargs="+", metavar="C",
                         help="class indices, one grid row each (default: every class of the model)")
     parser.add_argument("--per-class", type=int, default=8, help="samples per class (default: %(default)s)")
@@ -33,14 +43,26 @@ def add_sample_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of every draw (default: %(default)s)")
     parser.add_argument("--scale", type=int, default=8, help="pixels per image pixel in the grid (default: %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True,
+                        help="a .png file (labelled grid), or a directory (one PNG per image, or the npz with --npz)")
     return parser
+
+
+def check_output_dir(parser, out):
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        parser.error(f"--out {out!r} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"cannot create --out directory {out!r}: {err}")
+    if not os.access(path, os.W_OK):
+        parser.error(f"cannot write into {out!r}: permission denied")
+    return path
 
 
 def check_output_path(parser, out):
     path = Path(out)
-    if path.suffix.lower() != ".png":
-        parser.error(f"--out must name a .png file, got {out!r}")
     if path.is_dir():
         parser.error(f"--out {out!r} is a directory")
     parent = path.parent if str(path.parent) else Path(".")
@@ -83,7 +105,16 @@ def run_sample(parser, args):
         parser.error(f"--per-class must be at least 1, got {args.per_class}")
     if args.scale < 1:
         parser.error(f"--scale must be at least 1, got {args.scale}")
-    out = check_output_path(parser, args.out)
+    grid_output = Path(args.out).suffix.lower() == ".png"
+    if args.npz and grid_output:
+        parser.error("--npz writes into a directory: give --out DIR")
+    if args.num_images is not None and not args.npz:
+        parser.error("--num-images goes with --npz (without it, use --classes and --per-class)")
+    if args.npz and (args.num_images is None or args.num_images < 1):
+        parser.error("--npz needs --num-images N (N >= 1)")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    out = check_output_path(parser, args.out) if grid_output else check_output_dir(parser, args.out)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
@@ -91,12 +122,13 @@ def run_sample(parser, args):
         parser.error(f"bad --device {args.device!r}: {err}")
     start = time.perf_counter()
     try:
-        model = MAR.load(args.model, device=device)
+        model = MAR.load(args.model, vae=args.vae, device=device)
     except (FileNotFoundError, CheckpointError) as err:
         parser.error(f"cannot load model {args.model!r}: {err}")
     load_seconds = time.perf_counter() - start
     if model.tokenizer is None:
-        parser.error(f"model {args.model!r} has no tokenizer attached, so its samples are latents, not images")
+        parser.error(f"model {args.model!r} has no tokenizer attached, so its samples are latents, not images "
+                     "(give --vae for the ImageNet models)")
     classes = args.classes if args.classes is not None else list(range(model.num_classes))
     bad = [c for c in classes if not 0 <= c < model.num_classes]
     if bad:
@@ -106,11 +138,34 @@ def run_sample(parser, args):
         parser.error(f"--num-iter must lie in 1..{model.seq_len} for this model, got {num_iter}")
     if not args.temperature >= 0:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.npz:
+        from .generate import generate_npz
+
+        start = time.perf_counter()
+        merged = generate_npz(model, out, args.num_images, classes, batch_size=args.batch_size, num_iter=num_iter,
+                              cfg=args.cfg, cfg_schedule=args.cfg_schedule, temperature=args.temperature,
+                              seed=args.seed)
+        seconds = time.perf_counter() - start
+        print(f"{args.num_images} class-balanced images over {len(classes)} classes -> {merged} "
+              f"(this process: {seconds:.1f} s)")
+        return 0
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(args.per_class)
     start = time.perf_counter()
-    images = model.sample(labels, num_iter=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                          temperature=args.temperature, seed=args.seed, progress=True)
+    chunks = [model.sample(labels[i:i + args.batch_size], num_iter=num_iter, cfg=args.cfg,
+                           cfg_schedule=args.cfg_schedule, temperature=args.temperature, seed=args.seed + i,
+                           progress=True) for i in range(0, len(labels), args.batch_size)]
+    images = torch.cat(chunks)
     sample_seconds = time.perf_counter() - start
+    if not grid_output:
+        from PIL import Image
+
+        from .generate import to_nhwc_rgb
+
+        for i, (array, label) in enumerate(zip(to_nhwc_rgb(images), labels.tolist())):
+            Image.fromarray(array).save(out / f"{i:06d}_class{label}.png")
+        print(f"sampled {len(labels)} images in {sample_seconds:.2f} s ({len(labels) / sample_seconds:.1f} images/s); "
+              f"wrote {len(labels)} PNGs into {out}")
+        return 0
     grid = image_grid(images, classes, args.per_class, args.scale)
     try:
         grid.save(out, format="PNG")
@@ -124,6 +179,18 @@ def run_sample(parser, args):
     return 0
 
 
+def run_mar_train(parser, args):
+    from .train import run_train
+
+    return run_train(parser, args)
+
+
+def run_cache_latents(parser, args):
+    from .train import run_cache_latents as run
+
+    return run(parser, args)
+
+
 def run_train_digits(parser, args):
     from .recipes.digits import check_train_args, run_from_args
 
@@ -134,6 +201,8 @@ def run_train_digits(parser, args):
 
 def build_parser():
     from .recipes.digits import add_train_arguments
+    from .train import add_cache_arguments
+    from .train import add_train_arguments as add_mar_train_arguments
 
     parser = argparse.ArgumentParser(prog="marfast", description="Masked autoregressive image generation (MAR).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -143,7 +212,13 @@ def build_parser():
     train = commands.add_parser("train-digits", help="train the digits model (needs scikit-learn)",
                                 description="Train the digits MAR (reproduces the shipped `digits` weights).")
     add_train_arguments(train).set_defaults(run=run_train_digits)
-    return parser, {"sample": sample, "train-digits": train}
+    train_mar = commands.add_parser("train", help="train MAR with the official recipe (torchrun for many GPUs)",
+                                    description="Train MAR on an image folder (with the VAE) or cached latents.")
+    add_mar_train_arguments(train_mar).set_defaults(run=run_mar_train)
+    cache = commands.add_parser("cache-latents", help="encode an image folder with the VAE once (resumable)",
+                                description="Cache VAE moments of every image and its mirror for training.")
+    add_cache_arguments(cache).set_defaults(run=run_cache_latents)
+    return parser, {"sample": sample, "train-digits": train, "train": train_mar, "cache-latents": cache}
 
 
 def main(argv=None):

@@ -1,0 +1,63 @@
+"""`marfast` command line beyond the digits grid: PNG directories, the FID npz, train and cache-latents."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from marfast.cli import main
+
+
+def test_sample_into_a_directory_and_npz(tmp_path, capsys):
+    assert main(["sample", "--classes", "1", "7", "--per-class", "2", "--num-iter", "2", "--out", str(tmp_path / "pngs")]) == 0
+    files = sorted(p.name for p in (tmp_path / "pngs").iterdir())
+    assert files == ["000000_class1.png", "000001_class1.png", "000002_class7.png", "000003_class7.png"]
+    assert Image.open(tmp_path / "pngs" / files[0]).size == (8, 8)
+    assert main(["sample", "--checkpoint", "digits", "--classes", "0", "3", "--num-images", "3", "--npz",
+                 "--num-iter", "2", "--batch-size", "2", "--out", str(tmp_path / "fid")]) == 0
+    data = np.load(tmp_path / "fid" / "samples_3.npz")
+    assert data["arr_0"].shape == (3, 8, 8, 3) and data["labels"].tolist() == [0, 3, 0]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--npz", "--out", "x.png"], "--npz writes into a directory"),
+    (["--npz", "--out", "dir"], "--npz needs --num-images"),
+    (["--num-images", "5", "--out", "dir"], "--num-images goes with --npz"),
+    (["--batch-size", "0", "--out", "dir"], "--batch-size must be at least 1"),
+])
+def test_sample_bad_output_arguments(tmp_path, capsys, args, message):
+    args = [a if a not in ("x.png", "dir") else str(tmp_path / a) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(["sample", *args])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_train_rejects_bad_configuration_before_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--output-dir", str(tmp_path / "run"), "--model", "mar_tiny", "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "mar_tiny" in err and "NaN" in err and "exactly one of cached_path" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_and_cache_latents_run(tmp_path, monkeypatch):
+    import marfast.vae as vae_module
+
+    full_size = vae_module.KLAutoencoder
+    monkeypatch.setattr(vae_module, "KLAutoencoder", lambda: full_size(embed_dim=3, ch_mult=(1, 1), ch=32, resolution=16))
+    torch.manual_seed(0)
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in vae_module.KLAutoencoder().state_dict().items()}, str(tmp_path / "vae.safetensors"))
+    for c in ("a", "b"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.random.RandomState(i).randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / c / f"{i}.png")
+    assert main(["cache-latents", "--data-path", str(tmp_path / "img"), "--vae", str(tmp_path / "vae.safetensors"),
+                 "--out", str(tmp_path / "cache"), "--img-size", "16", "--batch-size", "3"]) == 0
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 8
+    from helpers import tiny_mar
+
+    tiny_mar(vae_embed_dim=3, img_size=32, vae_stride=4, class_num=2).save_pretrained(tmp_path / "init")
+    assert main(["train", "--output-dir", str(tmp_path / "run"), "--model", str(tmp_path / "init"),
+                 "--cached-path", str(tmp_path / "cache"), "--batch-size", "4", "--max-steps", "2",
+                 "--precision", "fp32", "--warmup-epochs", "0", "--no-progress"]) == 0
+    assert (tmp_path / "run" / "checkpoint-last.pth").is_file() and (tmp_path / "run" / "ema" / "config.json").is_file()
