@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
-from .mar import CFG_SCHEDULES, MAR, Attention, Block
+from .mar import CFG_SCHEDULES, MAR, Attention, Block, init_official_weights
 
 ORDERS = ("raster", "random")
 
@@ -190,17 +190,8 @@ class CausalAR(nn.Module):
                                  grad_checkpointing=grad_checkpointing)
 
     def initialize_weights(self):
-        for p in (self.class_emb.weight, self.fake_latent, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_official_weights(self, (self.class_emb.weight, self.fake_latent, self.encoder_pos_embed_learned,
+                                     self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned))
 
     @property
     def device(self):

@@ -82,6 +82,21 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_official_weights(module, embeddings):
+    """The official initialisation: N(0, 0.02) for the learned embeddings, Xavier-uniform linears
+    with zero bias, LayerNorms at weight 1 and bias 0 (the diffusion head initialises itself after)."""
+    for p in embeddings:
+        nn.init.normal_(p, std=0.02)
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def truncated_normal_mask_ratio(mask_ratio_min, generator=None, device=None):
     """One mask ratio from N(1, 0.25^2) truncated to [mask_ratio_min, 1] (inverse-CDF draw)."""
     lo = torch.special.ndtr(torch.tensor((mask_ratio_min - 1.0) / 0.25, dtype=torch.float64))
@@ -174,17 +189,9 @@ class MAR(nn.Module):
         )
 
     def initialize_weights(self):
-        for p in (self.class_emb.weight, self.fake_latent, self.mask_token, self.encoder_pos_embed_learned,
-                  self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned):
-            nn.init.normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_official_weights(self, (self.class_emb.weight, self.fake_latent, self.mask_token,
+                                     self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
+                                     self.diffusion_pos_embed_learned))
 
     @property
     def device(self):
