@@ -399,14 +399,17 @@ class MAR(nn.Module):
                                   generator=generator)
 
     def sample(self, labels, num_iter=64, cfg=1.0, cfg_schedule="linear", temperature=1.0, *, seed=None,
-               generator=None, progress=True):
+               generator=None, progress=True, pil=False):
         """Generate one image per label (long [B], or a list of ints; None entries are not allowed).
 
         Reproducible: `seed` (or an explicit `generator` on the model's device) fixes every draw.
-        Returns the tokenizer's decoded images when one is attached, else latents [B, C, H, W].
+        Returns the tokenizer's decoded uint8 images when one is attached (a list of PIL images with
+        pil=True), else latents [B, C, H, W].
         """
         if seed is not None and generator is not None:
             raise ValueError("give either seed or generator, not both")
+        if pil and self.tokenizer is None:
+            raise ValueError("pil=True needs an attached tokenizer or VAE (this model samples latents)")
         if not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.check_labels(labels)
@@ -419,7 +422,20 @@ class MAR(nn.Module):
                                               temperature, progress, generator=generator)
         finally:
             self.train(was_training)
-        return self.tokenizer.decode(latents) if self.tokenizer is not None else latents
+        if self.tokenizer is None:
+            return latents
+        images = self.tokenizer.decode(latents)
+        return images_to_pil(images) if pil else images
+
+
+def images_to_pil(images):
+    """uint8 images [B, H, W] (grayscale) or [B, C, H, W] (C = 1 or 3) -> list of PIL images."""
+    from PIL import Image
+
+    arrays = images.cpu()
+    if arrays.dim() == 4:
+        arrays = arrays[:, 0] if arrays.shape[1] == 1 else arrays.permute(0, 2, 3, 1)
+    return [Image.fromarray(a.numpy()) for a in arrays]
 
 
 PRESETS = {

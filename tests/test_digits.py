@@ -97,6 +97,9 @@ def test_sample_returns_one_uint8_image_per_label_reproducibly(digits_model):
     assert torch.equal(images, again)
     other = digits_model.sample(labels=[3, 1, 4], seed=8, num_iter=4, cfg=DEFAULT_CFG, progress=False)
     assert not torch.equal(images, other)
+    pictures = digits_model.sample(labels=[3, 1, 4], seed=7, num_iter=4, cfg=DEFAULT_CFG, progress=False, pil=True)
+    assert [p.size for p in pictures] == [(8, 8)] * 3
+    assert np.array_equal(np.asarray(pictures[1]), images[1].numpy())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,12 +121,12 @@ def test_generated_digits_are_recognised_cover_all_classes_and_are_close_to_held
     assert metrics["accuracy"] >= 0.95
     assert all(count > 0 for count in metrics["unconditional_class_counts"])
     ref = metrics["fd_reference"]
-    # The bound sits between the floor (real training digits vs held-out at the same sample size)
-    # and what visibly degraded real digits score: a third of the way from the floor to the
-    # blurred reference. See marfast/weights/digits/METRICS.md for the measured values.
+    # References at the same sample size: real training digits are the floor (sampling noise
+    # only); training digits with visible pixel noise (std 96 of 255) or a 3 x 3 blur are what
+    # clearly degraded digits score. Generated digits must beat both degraded references.
+    # Measured values: marfast/weights/digits/METRICS.md.
     assert ref["real_train"] < ref["noisy_train"] < ref["blurred_train"]
-    bound = ref["real_train"] + (ref["blurred_train"] - ref["real_train"]) / 3
-    assert metrics["fd_generated"] < bound
+    assert metrics["fd_generated"] < ref["noisy_train"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +152,6 @@ def test_cli_sample_writes_labelled_grid(tmp_path, capsys):
     (["--per-class", "0"], "--per-class must be at least 1"),
     (["--num-iter", "17"], "--num-iter must lie in 1..16"),
     (["--out", "/no/such/dir/grid.png"], "does not exist"),
-    (["--out", "grid.jpg"], "must name a .png file"),
 ])
 def test_cli_sample_bad_arguments_exit_2(tmp_path, capsys, args, message):
     argv = ["sample", "--device", "cpu", "--out", str(tmp_path / "grid.png"), *args]

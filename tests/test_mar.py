@@ -145,6 +145,8 @@ def test_bad_inputs_raise_clear_errors():
         model.sample([1], num_iter=2, temperature=-1.0, progress=False)
     with pytest.raises(ValueError, match="cfg_schedule"):
         model.sample([1], num_iter=2, cfg_schedule="cosine", progress=False)
+    with pytest.raises(ValueError, match="pil=True needs an attached tokenizer"):
+        model.sample([1], num_iter=2, pil=True, progress=False)
     with pytest.raises(ValueError, match="seed or generator"):
         model.sample([1], num_iter=2, seed=1, generator=torch.Generator(), progress=False)
     with pytest.raises(ValueError, match="divisible"):
