@@ -1,9 +1,8 @@
-"""SiLU backward with the activation recomputed and the bias gradient reduced, in one pass.
+"""SiLU backward with the bias gradient reduced on the way, in one pass.
 
 For act = SiLU(a) = a * sigmoid(a) between two Linear layers (the adaLN block's MLP), given
 d_act [N, W] and the saved pre-activation a [N, W]:
     d_a = d_act * sigmoid(a) * (1 + a * (1 - sigmoid(a)))
-    act = a * sigmoid(a)                (optional: the input of the second Linear, for its dW)
     d_a.sum(0)                          (optional: the bias gradient of the first Linear)
 d_a may be written over d_act in place. Arithmetic is fp32; tensors are float32, float16 or
 bfloat16 (one dtype).
@@ -22,13 +21,13 @@ from .layernorm_modulate import check_rows, backward_programs
 
 @triton.jit
 def _silu_backward_kernel(
-    D_ACT, PRE_ACT, D_PRE_ACT, ACT, D_PRE_ACT_COLSUM_PARTIAL,
-    stride_d_act_row, stride_pre_act_row, stride_d_pre_act_row, stride_act_row,
+    D_ACT, PRE_ACT, D_PRE_ACT, D_PRE_ACT_COLSUM_PARTIAL,
+    stride_d_act_row, stride_pre_act_row, stride_d_pre_act_row,
     n_rows, n_cols, rows_per_program,
-    STORE_ACT: tl.constexpr, STORE_COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_COLSUM: tl.constexpr, IN_PLACE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Program (p, j) handles rows [p * rows_per_program, ...) of column block j; every element is
-    loaded and stored by the same program, so D_PRE_ACT may be D_ACT."""
+    """Program (p, j) handles rows [p * rows_per_program, ...) of column block j. IN_PLACE
+    (D_PRE_ACT is D_ACT) puts a barrier between each tile's loads and its store."""
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
@@ -42,47 +41,41 @@ def _silu_backward_kernel(
         pre_act = tl.load(PRE_ACT + rows[:, None] * stride_pre_act_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(pre_act)
         d_pre_act = d_act * sig * (1.0 + pre_act * (1.0 - sig))
+        if IN_PLACE:
+            tl.debug_barrier()
         tl.store(D_PRE_ACT + rows[:, None] * stride_d_pre_act_row + cols[None, :],
                  d_pre_act.to(D_PRE_ACT.dtype.element_ty), mask=mask)
-        if STORE_ACT:
-            tl.store(ACT + rows[:, None] * stride_act_row + cols[None, :], (pre_act * sig).to(ACT.dtype.element_ty), mask=mask)
         if STORE_COLSUM:
             colsum += tl.sum(d_pre_act, axis=0)
     if STORE_COLSUM:
         tl.store(D_PRE_ACT_COLSUM_PARTIAL + pid * n_cols + cols, colsum, mask=col_mask)
 
 
-def silu_backward(d_act, pre_act, *, d_pre_act=None, store_act=False, colsum=False, act=None):
-    """Gradient of SiLU at pre_act for upstream gradient d_act; returns (d_pre_act, act, colsum).
+def silu_backward(d_act, pre_act, *, d_pre_act=None, colsum=False):
+    """Gradient of SiLU at pre_act for upstream gradient d_act; returns (d_pre_act, colsum or None).
 
     d_act, pre_act: [N, W] of one dtype, unit column stride. d_pre_act: optional output buffer,
-    which may be d_act itself (overwritten in place). With store_act, SiLU(pre_act) is written to
-    `act` (allocated when None); with colsum, d_pre_act.sum(0) is reduced in fp32 and returned in
-    the input dtype. Entries not asked for are None.
+    which may be d_act itself (overwritten in place). With colsum, d_pre_act.sum(0) is reduced in
+    fp32 and returned in the input dtype.
     """
     shape, dtype, device = check_same_rows(d_act=d_act, pre_act=pre_act)
     if d_pre_act is None:
         d_pre_act = torch.empty(shape, dtype=dtype, device=device)
     check_rows("d_pre_act", d_pre_act, shape, dtype, device)
-    if store_act:
-        if act is None:
-            act = torch.empty(shape, dtype=dtype, device=device)
-        check_rows("act", act, shape, dtype, device)
-    else:
-        act = None
     n_rows, n_cols = shape
     if n_rows == 0 or n_cols == 0:
-        return d_pre_act, act, (torch.zeros(n_cols, dtype=dtype, device=device) if colsum else None)
+        return d_pre_act, (torch.zeros(n_cols, dtype=dtype, device=device) if colsum else None)
     block_m, block_n, num_warps = launch_config(n_cols)
     programs, rows_per_program = backward_programs(n_rows, block_m, device)
     partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device) if colsum else d_pre_act
     _silu_backward_kernel[(programs, triton.cdiv(n_cols, block_n))](
-        d_act, pre_act, d_pre_act, act if store_act else d_pre_act, partial,
-        d_act.stride(0), pre_act.stride(0), d_pre_act.stride(0), act.stride(0) if store_act else 0,
+        d_act, pre_act, d_pre_act, partial,
+        d_act.stride(0), pre_act.stride(0), d_pre_act.stride(0),
         n_rows, n_cols, rows_per_program,
-        STORE_ACT=store_act, STORE_COLSUM=colsum, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        STORE_COLSUM=colsum,
+        IN_PLACE=d_pre_act.data_ptr() == d_act.data_ptr() and d_pre_act.stride() == d_act.stride(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return d_pre_act, act, (partial.sum(0).to(dtype) if colsum else None)
+    return d_pre_act, (partial.sum(0).to(dtype) if colsum else None)
 
 
 class SiLUFunction(torch.autograd.Function):
@@ -96,5 +89,5 @@ class SiLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_act):
         (pre_act,) = ctx.saved_tensors
-        d_pre_act, _, _ = silu_backward(d_act.contiguous(), pre_act)
+        d_pre_act, _ = silu_backward(d_act.contiguous(), pre_act)
         return d_pre_act

@@ -2,19 +2,23 @@
 
 Same function as `SimpleMLPAdaLN.forward` (marfast.diffloss), built for forward + backward speed
 and activation memory:
-- the adaLN modulations of all blocks and the final layer come from one GEMM on SiLU(y); blocks
-  read their shift / scale / gate as column slices of it (no chunk copies). Each block's
+- the adaLN modulations of all residual blocks come from one GEMM on SiLU(y); blocks read their
+  shift / scale / gate as column slices of it (no chunk copies). The final layer's modulation is
+  a second GEMM, computed last: its own storage is freed after the final layer's backward, the
+  first to run, so it is not held at the peak of the backward (the last block's). Each block's
   autograd Function takes its modulation weight and bias as inputs and does that GEMM's backward
-  for its own slice, so no [N, (3 depth + 2) W] gradient is ever held; the kernels write the
+  for its own slice, so the gradient of all modulations is never held at once; the kernels write the
   slice's gradients into one [N, 3W] buffer and reduce its row sums (the bias gradient);
 - LayerNorm + modulate and the gated residual are Triton kernels (marfast.kernels); the
   Linear layers are cuBLAS matmuls with the bias folded in (addmm);
-- each block saves only its input x, the first MLP pre-activation a, the MLP output h and the
-  LayerNorm statistics; the LayerNorm-modulate output and SiLU(a) are recomputed in backward
-  inside the LayerNorm and SiLU backward kernels, which also add the residual gradient and reduce
-  the bias gradients;
-- for integer timesteps the time embedding is evaluated once for the 1000 training timesteps
-  and gathered per row (its gradient is summed per timestep by the gather's backward).
+- each block saves only its input x, the first MLP pre-activation a and the LayerNorm statistics
+  (plus its slice of the modulations): 5 [N, W] tensors against the reference's 11. The backward
+  recomputes SiLU(a), the MLP output h (one extra GEMM, the price of one [N, W] per block) and the
+  LayerNorm-modulate output (inside the LayerNorm backward kernel, which also adds the residual
+  gradient); the kernels reduce the bias gradients as row sums on the way;
+- SiLU(y), y = time_embed(t) + cond_embed(c), is the only [N, W] tensor of the conditioning kept
+  for backward (y is recomputed there with one GEMM); for integer timesteps the time embedding is
+  evaluated once for the 1000 training timesteps and gathered per row.
 Tensors are float32, float16 or bfloat16; the kernels accumulate and keep LayerNorm statistics in
 fp32. The compute dtype is the autocast dtype when autocast is on for the device, else the
 parameters' dtype; weights are cast to it inside the autograd graph, so gradients reach the
@@ -59,7 +63,8 @@ class FusedResBlockFunction(torch.autograd.Function):
     `modulation` (shift | scale | gate, any row stride, no gradient of its own) must equal
     silu_y @ ada_weight^T + ada_bias: the caller computes it, for all blocks in one GEMM, and the
     backward sends its gradient to silu_y, ada_weight and ada_bias. Saves x, the modulation,
-    a = fc1(...) and h = fc2(...) and fp32 mean/rstd; the modulated x and SiLU(a) are recomputed.
+    a = fc1(...) and fp32 mean/rstd; the backward recomputes SiLU(a), h = fc2(SiLU(a)) (one GEMM:
+    keeping h would cost one more [N, W] activation per block) and the modulated x.
     """
 
     @staticmethod
@@ -75,25 +80,28 @@ class FusedResBlockFunction(torch.autograd.Function):
             h = torch.addmm(fc2_bias, F.silu(pre_act), fc2_weight.t())
         out = gated_residual_forward(x, gate, h)
         ctx.save_for_backward(x, modulation, silu_y, ada_weight, ln_weight, ln_bias, fc1_weight, fc2_weight,
-                              mean, rstd, pre_act, h)
+                              fc2_bias, mean, rstd, pre_act)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        (x, modulation, silu_y, ada_weight, ln_weight, ln_bias, fc1_weight, fc2_weight,
-         mean, rstd, pre_act, h) = ctx.saved_tensors
+        (x, modulation, silu_y, ada_weight, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias,
+         mean, rstd, pre_act) = ctx.saved_tensors
         needs = ctx.needs_input_grad
         width = x.shape[1]
         shift, scale, gate = modulation[:, :width], modulation[:, width:2 * width], modulation[:, 2 * width:]
         dout = dout.contiguous()
         d_modulation = torch.empty((x.shape[0], 3 * width), dtype=x.dtype, device=x.device)
+        act = F.silu(pre_act)
+        h = torch.addmm(fc2_bias, act, fc2_weight.t())
         _, dh, d_fc2_bias, d_gate_sum = gated_residual_backward(
-            dout, gate, h, dgate=d_modulation[:, 2 * width:], dh_colsum=True, dgate_colsum=True)
-        d_pre_act = dh.mm(fc2_weight)
-        d_pre_act, act, d_fc1_bias = silu_backward(d_pre_act, pre_act, d_pre_act=d_pre_act, store_act=needs[9],
-                                                   colsum=needs[8])
+            dout, gate, h, dgate=d_modulation[:, 2 * width:], dh=h, dh_colsum=True, dgate_colsum=True)
+        del h
         d_fc2_weight = dh.t().mm(act) if needs[9] else None
-        del dh, act
+        del act
+        d_pre_act = dh.mm(fc2_weight)
+        del dh
+        _, d_fc1_bias = silu_backward(d_pre_act, pre_act, d_pre_act=d_pre_act, colsum=needs[8])
         d_modulated = d_pre_act.mm(fc1_weight)
         dx, d_ln_weight, d_ln_bias, _, _, modulated, (d_scale_sum, d_shift_sum) = layernorm_modulate_backward(
             d_modulated, x, ln_weight, ln_bias, scale, mean, rstd, dresidual=dout, shift=shift,
@@ -159,22 +167,62 @@ def _cast(tensor, dtype):
     return None if tensor is None else tensor.to(dtype)
 
 
-def _time_and_condition(net, t, c, dtype):
-    """y = time_embed(t) + cond_embed(c): [N, W] in dtype.
+def _condition(time_rows, index, c, cond_weight):
+    """y = time_rows[index] + c @ cond_weight^T (index None: time_rows has one row per row of c)."""
+    gathered = time_rows if index is None else F.embedding(index, time_rows)
+    return torch.addmm(gathered, c, cond_weight.t())
+
+
+class ConditionSiLUFunction(torch.autograd.Function):
+    """SiLU(y) for y = time_rows[index] + c @ cond_weight^T, keeping neither y nor SiLU(y).
+
+    apply(time_rows [T, W] (the time embedding per timestep, cond_embed's bias folded in), index
+    long [N] or None (then T == N and row i of time_rows belongs to row i), c [N, Z], cond_weight
+    [W, Z]) -> [N, W]. Saves time_rows, index, c and cond_weight (c is the caller's tensor, held
+    anyway); the backward recomputes y with one gather and one GEMM, which frees one [N, W]
+    activation for the whole backward.
+    """
+
+    @staticmethod
+    def forward(ctx, time_rows, index, c, cond_weight):
+        with _no_autocast(c.device):
+            y = _condition(time_rows, index, c, cond_weight)
+        ctx.save_for_backward(time_rows, index, c, cond_weight)
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, d_silu_y):
+        time_rows, index, c, cond_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _no_autocast(c.device):
+            y = _condition(time_rows, index, c, cond_weight)
+        dy = torch.ops.aten.silu_backward.grad_input(d_silu_y, y, grad_input=y)
+        d_time_rows = d_c = d_cond_weight = None
+        if needs[0]:
+            d_time_rows = dy if index is None else torch.ops.aten.embedding_dense_backward(
+                dy, index, time_rows.shape[0], -1, False)
+        if needs[2]:
+            d_c = dy.mm(cond_weight)
+        if needs[3]:
+            d_cond_weight = dy.t().mm(c)
+        return d_time_rows, None, d_c, d_cond_weight
+
+
+def _silu_time_and_condition(net, t, c, dtype):
+    """SiLU(time_embed(t) + cond_embed(c)): [N, W] in dtype.
 
     Integer t (original timesteps 0..999) gathers rows of the embedding evaluated once for all
-    training timesteps; floating t evaluates the embedding per row as the reference does.
+    training timesteps (the gather's backward sums the gradient per timestep in fp32); floating t
+    evaluates the embedding per row as the reference does.
     """
     cond_weight, cond_bias = net.cond_embed.weight.to(dtype), net.cond_embed.bias.to(dtype)
     if t.is_floating_point():
-        time_rows = net.time_embed(t).to(dtype) + cond_bias
-    else:
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS):
-            raise ValueError(f"integer timesteps must lie in 0..{NUM_TRAIN_TIMESTEPS - 1}")
-        timesteps = torch.arange(NUM_TRAIN_TIMESTEPS, device=t.device)
-        table = net.time_embed(timesteps).to(dtype) + cond_bias
-        time_rows = table.index_select(0, t.long())
-    return torch.addmm(time_rows, c, cond_weight.t())
+        return ConditionSiLUFunction.apply(net.time_embed(t).to(dtype) + cond_bias, None, c, cond_weight)
+    low, high = torch.stack([t.min(), t.max()]).tolist() if t.numel() else (0, 0)
+    if low < 0 or high >= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"integer timesteps must lie in 0..{NUM_TRAIN_TIMESTEPS - 1}")
+    table = net.time_embed(torch.arange(NUM_TRAIN_TIMESTEPS, device=t.device)).to(dtype) + cond_bias
+    return ConditionSiLUFunction.apply(table, t.long(), c, cond_weight)
 
 
 def _checkpointed_block(x, silu_y, ada_weight, ada_bias, *block_args):
@@ -225,24 +273,25 @@ def denoiser_forward_fused(net, x, t, c):
                         f"use the reference path (backend='torch') for {dtype}")
     x, c = x.to(dtype), c.to(dtype)
     h = F.linear(x, net.input_proj.weight.to(dtype), net.input_proj.bias.to(dtype))
-    silu_y = F.silu(_time_and_condition(net, t, c, dtype))
-    ada_layers = [block.adaLN_modulation[-1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[-1]]
+    silu_y = _silu_time_and_condition(net, t, c, dtype)
+    ada_layers = [block.adaLN_modulation[-1] for block in net.res_blocks]
     ada_weights = [layer.weight.to(dtype) for layer in ada_layers]
     ada_biases = [layer.bias.to(dtype) for layer in ada_layers]
     if net.grad_checkpointing and net.training and torch.is_grad_enabled():
         for block, ada_weight, ada_bias in zip(net.res_blocks, ada_weights, ada_biases):
             h = checkpoint(_checkpointed_block, h, silu_y, ada_weight, ada_bias, *_block_args(block, dtype),
                            use_reentrant=False)
-        with torch.no_grad(), _no_autocast(x.device):
-            final_modulation = torch.addmm(ada_biases[-1], silu_y, ada_weights[-1].t())
-    else:
+    elif ada_layers:
         with torch.no_grad(), _no_autocast(x.device):
             all_modulations = torch.addmm(torch.cat(ada_biases), silu_y, torch.cat(ada_weights).t())
         modulations = all_modulations.split([w.shape[0] for w in ada_weights], dim=1)
         for block, modulation, ada_weight, ada_bias in zip(net.res_blocks, modulations, ada_weights, ada_biases):
             h = FusedResBlockFunction.apply(h, modulation, silu_y, ada_weight, ada_bias, *_block_args(block, dtype))
-        final_modulation = modulations[-1]
+    final_ada = net.final_layer.adaLN_modulation[-1]
+    final_ada_weight, final_ada_bias = final_ada.weight.to(dtype), final_ada.bias.to(dtype)
+    with torch.no_grad(), _no_autocast(x.device):
+        final_modulation = torch.addmm(final_ada_bias, silu_y, final_ada_weight.t())
     final = net.final_layer
-    return FusedFinalLayerFunction.apply(h, final_modulation, silu_y, ada_weights[-1], ada_biases[-1],
+    return FusedFinalLayerFunction.apply(h, final_modulation, silu_y, final_ada_weight, final_ada_bias,
                                          final.linear.weight.to(dtype), final.linear.bias.to(dtype),
                                          final.norm_final.eps)
