@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CFG = 3.0
+DEFAULT_CFG = 2.0
 MAX_DEFAULT_NUM_ITER = 64
 GRID_LABEL_WIDTH = 28
 GRID_PAD = 2

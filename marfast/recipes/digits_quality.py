@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from .digits import NUM_CLASSES, digits_split
 
 PCA_COMPONENTS = 20
-DEFAULT_CFG = 3.0
+DEFAULT_CFG = 2.0
 DEFAULT_NUM_ITER = 8
 BLUR_KERNEL = (0.25, 0.5, 0.25)  # separable binomial 3 x 3 blur
-NOISE_STD = 48.0  # pixel noise (of 255) added to real digits for the noisy reference
+NOISE_STD = 96.0  # pixel noise (of 255) added to real digits for the noisy reference
 
 
 def pixels(images):
