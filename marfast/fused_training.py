@@ -25,6 +25,8 @@ parameters' dtype; weights are cast to it inside the autograd graph, so gradient
 original parameters in their own dtype. With `net.grad_checkpointing` (training, grad enabled)
 each block's modulation GEMM and fused block are recomputed in backward, as in the reference.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -37,6 +39,16 @@ from .kernels.silu_backward import silu_backward
 
 def _no_autocast(device):
     return torch.autocast(device.type, enabled=False)
+
+
+def _backward_without_autocast(backward):
+    """Run an autograd Function's backward with autocast off, whatever context calls it: the
+    matmuls must run in the dtype the forward computed in."""
+    @functools.wraps(backward)
+    def wrapped(ctx, grad, *more_grads):
+        with _no_autocast(grad.device):
+            return backward(ctx, grad, *more_grads)
+    return wrapped
 
 
 def _modulation_backward(d_modulation, silu_y, ada_weight, d_ada_bias, needs):
@@ -84,6 +96,7 @@ class FusedResBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, dout):
         (x, modulation, silu_y, ada_weight, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias,
          mean, rstd, pre_act) = ctx.saved_tensors
@@ -136,6 +149,7 @@ class FusedFinalLayerFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, dout):
         x, modulation, silu_y, ada_weight, weight, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
@@ -191,11 +205,11 @@ class ConditionSiLUFunction(torch.autograd.Function):
         return F.silu(y, inplace=True)
 
     @staticmethod
+    @_backward_without_autocast
     def backward(ctx, d_silu_y):
         time_rows, index, c, cond_weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with _no_autocast(c.device):
-            y = _condition(time_rows, index, c, cond_weight)
+        y = _condition(time_rows, index, c, cond_weight)
         dy = torch.ops.aten.silu_backward.grad_input(d_silu_y, y, grad_input=y)
         d_time_rows = d_c = d_cond_weight = None
         if needs[0]:

@@ -331,6 +331,25 @@ def test_denoiser_forward_fused_fp16_no_worse_than_eager(mode):
         assert rel_err(got, ex) <= 2 * rel_err(ref, ex) + 2e-3, (name, rel_err(got, ex), rel_err(ref, ex))
 
 
+def test_denoiser_backward_ignores_an_enclosing_autocast():
+    """A backward called inside an autocast region recomputes in the forward's dtype (fp32 here).
+    Checked on the gradients the fused Functions compute; the time embedding and input_proj are
+    plain torch modules, whose backward (like the whole reference's) autocast does change."""
+    net = random_net(3, 40, 8, 2, seed=4)
+    x, c, t = torch.randn(7, 3), torch.randn(7, 8), torch.randint(0, 1000, (7,))
+    dout = torch.randn(7, 6)
+    _, plain = run_with_grads(denoiser_forward_fused, net, x, t, c, dout)
+    net.zero_grad(set_to_none=True)
+    out = denoiser_forward_fused(net, x, t, c)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out.backward(dout)
+    fused_names = ("res_blocks.", "final_layer.", "cond_embed.")
+    for name, p, expected in zip(grad_names(net)[2:], net.parameters(), plain[2:]):
+        assert p.grad.dtype == torch.float32
+        if name.startswith(fused_names):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_denoiser_forward_fused_rejects_bad_input():
     net = random_net(3, 40, 8, 1, seed=0)
     x, t, c = torch.randn(4, 3), torch.randint(0, 1000, (4,)), torch.randn(4, 8)
