@@ -571,7 +571,8 @@ def test_gpu_diffloss_auto_backend_uses_fused_path_and_matches(dtype):
     results = []
     for model, cast in ((head, dtype), (eager, dtype), (exact, torch.float64)):
         model.zero_grad(set_to_none=True)
-        loss = model(target, z.to(cast), mask, t=t, noise=noise)
+        state_dtype = torch.float64 if cast == torch.float64 else torch.float32
+        loss = model(target.to(state_dtype), z.to(cast), mask.to(state_dtype), t=t, noise=noise.to(state_dtype))
         loss.backward()
         results.append((loss.detach(), [p.grad for p in model.parameters()]))
     (fused_loss, fused_grads), (eager_loss, eager_grads), (exact_loss, exact_grads) = results
