@@ -46,7 +46,8 @@ def _gated_residual_bwd_kernel(
     DOUT, GATE, H, DGATE, DH, DH_COLSUM_PARTIAL, DGATE_COLSUM_PARTIAL,
     stride_dout_row, stride_gate_row, stride_h_row, stride_dgate_row, stride_dh_row,
     n_rows, n_cols, rows_per_program,
-    STORE_DH_COLSUM: tl.constexpr, STORE_DGATE_COLSUM: tl.constexpr, DH_IS_H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_DH_COLSUM: tl.constexpr, STORE_DGATE_COLSUM: tl.constexpr, DH_IS_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Program (p, j) handles rows [p * rows_per_program, ...) of column block j.
 
@@ -128,8 +129,9 @@ def gated_residual_backward(dout, gate, h, *, dgate=None, dh=None, dh_colsum=Fal
     """Gradients of x + gate * h: returns (dgate, dh, dh.sum(0) or None, dgate.sum(0) or None).
 
     dout, gate, h: [N, W] of one dtype; dgate, dh: optional [N, W] output buffers (any row stride,
-    unit column stride); dh may be h itself (overwritten in place). dx is dout itself. The optional row sums (the bias gradients of the
-    Linears that produced h and gate) are reduced in fp32 and returned in h's dtype.
+    unit column stride); dh may be h itself (overwritten in place). dx is dout itself. The
+    optional row sums (the bias gradients of the Linears that produced h and gate) are reduced in
+    fp32 and returned in h's dtype.
     """
     shape, dtype, device = check_same_rows(dout=dout, gate=gate, h=h)
     if dgate is None:
@@ -151,7 +153,8 @@ def gated_residual_backward(dout, gate, h, *, dgate=None, dh=None, dh_colsum=Fal
         dout.stride(0), gate.stride(0), h.stride(0), dgate.stride(0), dh.stride(0),
         n_rows, n_cols, rows_per_program,
         STORE_DH_COLSUM=dh_colsum, STORE_DGATE_COLSUM=dgate_colsum,
-        DH_IS_H=dh.data_ptr() == h.data_ptr() and dh.stride() == h.stride(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        DH_IS_H=dh.data_ptr() == h.data_ptr() and dh.stride() == h.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return (dgate, dh, dh_partial.sum(0).to(dtype) if dh_colsum else None,
             dgate_partial.sum(0).to(dtype) if dgate_colsum else None)

@@ -71,7 +71,8 @@ def _layernorm_modulate_bwd_kernel(
     stride_dx_row, stride_dscale_row, stride_dshift_row, stride_out_row,
     n_rows, n_cols, rows_per_program,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRESIDUAL: tl.constexpr,
-    RECOMPUTE_OUT: tl.constexpr, OUT_IS_DOUT: tl.constexpr, MODULATION_COLSUMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    RECOMPUTE_OUT: tl.constexpr, OUT_IS_DOUT: tl.constexpr, MODULATION_COLSUMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program handles rows [pid * rows_per_program, ...) in BLOCK_M-row tiles.
 
@@ -312,11 +313,14 @@ def layernorm_modulate_backward(dout, x, weight, bias, scale, mean, rstd, *, dre
 
     block_m, block_n, num_warps = launch_config(n_cols)
     programs, rows_per_program = backward_programs(n_rows, block_m, device)
-    dweight_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device) if weight is not None else None
-    dbias_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device) if bias is not None else None
+
+    def partial_sums():
+        return torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+
+    dweight_partial = partial_sums() if weight is not None else None
+    dbias_partial = partial_sums() if bias is not None else None
     if modulation_colsums:
-        dscale_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device)
-        dshift_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=device)
+        dscale_partial, dshift_partial = partial_sums(), partial_sums()
     else:
         dscale_partial = dshift_partial = mean
     placeholder = x
@@ -333,7 +337,8 @@ def layernorm_modulate_backward(dout, x, weight, bias, scale, mean, rstd, *, dre
         dx.stride(0), dscale.stride(0), dshift.stride(0), out.stride(0) if out is not None else 0,
         n_rows, n_cols, rows_per_program,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_DRESIDUAL=dresidual is not None,
-        RECOMPUTE_OUT=recompute_out, OUT_IS_DOUT=out_is_dout, MODULATION_COLSUMS=modulation_colsums, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        RECOMPUTE_OUT=recompute_out, OUT_IS_DOUT=out_is_dout, MODULATION_COLSUMS=modulation_colsums,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     dweight = dweight_partial.sum(0).to(weight.dtype) if weight is not None else None
     dbias = dbias_partial.sum(0).to(bias.dtype) if bias is not None else None

@@ -38,7 +38,8 @@ def _silu_backward_kernel(
         rows = tile_start + tl.arange(0, BLOCK_M)
         mask = (rows < row_end)[:, None] & col_mask[None, :]
         d_act = tl.load(D_ACT + rows[:, None] * stride_d_act_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        pre_act = tl.load(PRE_ACT + rows[:, None] * stride_pre_act_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        pre_act = tl.load(PRE_ACT + rows[:, None] * stride_pre_act_row + cols[None, :], mask=mask, other=0.0)
+        pre_act = pre_act.to(tl.float32)
         sig = tl.sigmoid(pre_act)
         d_pre_act = d_act * sig * (1.0 + pre_act * (1.0 - sig))
         if IN_PLACE:
@@ -73,7 +74,8 @@ def silu_backward(d_act, pre_act, *, d_pre_act=None, colsum=False):
         d_act.stride(0), pre_act.stride(0), d_pre_act.stride(0),
         n_rows, n_cols, rows_per_program,
         STORE_COLSUM=colsum,
-        IN_PLACE=d_pre_act.data_ptr() == d_act.data_ptr() and d_pre_act.stride() == d_act.stride(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        IN_PLACE=d_pre_act.data_ptr() == d_act.data_ptr() and d_pre_act.stride() == d_act.stride(),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return d_pre_act, (partial.sum(0).to(dtype) if colsum else None)
 

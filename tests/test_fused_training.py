@@ -470,9 +470,11 @@ def test_gpu_kernels_low_precision(width, dtype):
     expected = layernorm_modulate_ref(*leaves)
     assert_rel(out, expected, tol, "layernorm_modulate out")
     expected.backward(d(dout))
-    dx, dw, db, dscale, dshift, _, _ = layernorm_modulate_backward(dout, x, weight, bias, scale, mean, rstd, dresidual=dres)
+    dx, dw, db, dscale, dshift, _, _ = layernorm_modulate_backward(
+        dout, x, weight, bias, scale, mean, rstd, dresidual=dres)
     for name, got, ref in [("dx", dx, leaves[0].grad + d(dres)), ("dweight", dw, leaves[1].grad),
-                           ("dbias", db, leaves[2].grad), ("dscale", dscale, leaves[3].grad), ("dshift", dshift, leaves[4].grad)]:
+                           ("dbias", db, leaves[2].grad), ("dscale", dscale, leaves[3].grad),
+                           ("dshift", dshift, leaves[4].grad)]:
         assert_rel(got, ref, 2 * tol, name)
     out = gated_residual_forward(x, gate, h, out=nan_like(x))
     assert_rel(out, d(x) + d(gate) * d(h), tol, "gated_residual out")
