@@ -25,6 +25,16 @@ from marfast.recipes.digits_quality import (  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The digits model is tiny: one thread is as fast as several and, unlike several, is not slowed
+    down tenfold when other jobs share the CPU. Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits_model():
     return MAR.load("digits")
@@ -152,6 +162,7 @@ def test_cli_sample_writes_labelled_grid(tmp_path, capsys):
     (["--per-class", "0"], "--per-class must be at least 1"),
     (["--num-iter", "17"], "--num-iter must lie in 1..16"),
     (["--out", "/no/such/dir/grid.png"], "does not exist"),
+    (["--threads", "0"], "--threads must be at least 1"),
 ])
 def test_cli_sample_bad_arguments_exit_2(tmp_path, capsys, args, message):
     argv = ["sample", "--device", "cpu", "--out", str(tmp_path / "grid.png"), *args]
@@ -165,7 +176,7 @@ def test_cli_sample_bad_arguments_exit_2(tmp_path, capsys, args, message):
 def test_cli_entry_point_runs_as_a_module(tmp_path):
     out = tmp_path / "g.png"
     result = subprocess.run([sys.executable, "-m", "marfast.cli", "sample", "--classes", "5", "--per-class", "1",
-                             "--num-iter", "2", "--device", "cpu", "--out", str(out)],
+                             "--num-iter", "2", "--device", "cpu", "--threads", "1", "--out", str(out)],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "wrote" in result.stdout
