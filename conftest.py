@@ -9,6 +9,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The CPU tests run tiny tensors, where a second intra-op thread only adds OpenMP synchronisation
+# (on a busy 2-core machine it made small ops ~100x slower); MARFAST_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MARFAST_TEST_THREADS", "1")))
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
