@@ -186,18 +186,6 @@ def run_sample(parser, args):
     return 0
 
 
-def run_mar_train(parser, args):
-    from .train import run_train
-
-    return run_train(parser, args)
-
-
-def run_cache_latents(parser, args):
-    from .train import run_cache_latents as run
-
-    return run(parser, args)
-
-
 def run_train_digits(parser, args):
     from .recipes.digits import check_train_args, run_from_args
 
@@ -208,7 +196,7 @@ def run_train_digits(parser, args):
 
 def build_parser():
     from .recipes.digits import add_train_arguments
-    from .train import add_cache_arguments
+    from .train import add_cache_arguments, run_cache_latents, run_train
     from .train import add_train_arguments as add_mar_train_arguments
 
     parser = argparse.ArgumentParser(prog="marfast", description="Masked autoregressive image generation (MAR).")
@@ -221,7 +209,7 @@ def build_parser():
     add_train_arguments(train).set_defaults(run=run_train_digits)
     train_mar = commands.add_parser("train", help="train MAR with the official recipe (torchrun for many GPUs)",
                                     description="Train MAR on an image folder (with the VAE) or cached latents.")
-    add_mar_train_arguments(train_mar).set_defaults(run=run_mar_train)
+    add_mar_train_arguments(train_mar).set_defaults(run=run_train)
     cache = commands.add_parser("cache-latents", help="encode an image folder with the VAE once (resumable)",
                                 description="Cache VAE moments of every image and its mirror for training.")
     add_cache_arguments(cache).set_defaults(run=run_cache_latents)
