@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["marfast", "marfast.kernels"],
+    packages=["marfast", "marfast.recipes", "marfast.kernels"],
     package_dir={"marfast": "marfast", "marfast.kernels": "kernels"},
     package_data={"marfast": ["weights/*/*"]},
     include_package_data=True,

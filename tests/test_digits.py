@@ -173,11 +173,14 @@ def test_cli_sample_bad_arguments_exit_2(tmp_path, capsys, args, message):
     assert not (tmp_path / "grid.png").exists()
 
 
-def test_cli_entry_point_runs_as_a_module(tmp_path):
+def test_cli_runs_as_a_module_without_scikit_learn(tmp_path):
+    """`python -m marfast.cli sample` on the packaged weights, with scikit-learn made unimportable."""
     out = tmp_path / "g.png"
-    result = subprocess.run([sys.executable, "-m", "marfast.cli", "sample", "--classes", "5", "--per-class", "1",
-                             "--num-iter", "2", "--device", "cpu", "--threads", "1", "--out", str(out)],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    argv = ["marfast", "sample", "--classes", "5", "--per-class", "1", "--num-iter", "2", "--device", "cpu",
+            "--threads", "1", "--out", str(out)]
+    script = ("import runpy, sys; sys.modules['sklearn'] = None; "
+              f"sys.argv = {argv!r}; runpy.run_module('marfast.cli', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "wrote" in result.stdout
 
@@ -220,7 +223,7 @@ def test_recipe_runs_end_to_end_and_clipping_keeps_a_short_run_bounded(tmp_path)
     assert diverged.abs().max() > 100.0, "without x0 clipping a briefly trained model diverges"
 
 
-def test_recipe_bad_arguments_exit_2(tmp_path, capsys):
+def test_recipe_bad_arguments_exit_2(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exc:
         recipe.main(["--steps", "0", "--out", str(tmp_path / "m")])
     assert exc.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
@@ -229,3 +232,7 @@ def test_recipe_bad_arguments_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         recipe.main(["--out", str(blocker / "m")])
     assert exc.value.code == 2 and "not a writable directory" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    with pytest.raises(SystemExit) as exc:
+        recipe.main(["--out", str(tmp_path / "m")])
+    assert exc.value.code == 2 and "needs scikit-learn" in capsys.readouterr().err

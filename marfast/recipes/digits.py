@@ -196,6 +196,11 @@ def run_from_args(args):
 
 def check_train_args(parser, args):
     """Exit through `parser.error` (status 2) on bad training arguments, before any work."""
+    try:
+        import sklearn  # noqa: F401  (the data set ships with it)
+    except ImportError:
+        parser.error("training the digits model needs scikit-learn, which holds the data set: "
+                     "pip install scikit-learn")
     for name in ("steps", "batch_size", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
