@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
-from .mar import CFG_SCHEDULES, MAR, Attention, Block, init_official_weights
+from .mar import CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, set_token_geometry
 
 ORDERS = ("raster", "random")
 
@@ -145,14 +145,8 @@ class CausalAR(nn.Module):
         super().__init__()
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if img_size % (vae_stride * patch_size):
-            raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size = {vae_stride * patch_size}")
         self.order = order
-        self.vae_embed_dim = vae_embed_dim
-        self.patch_size = patch_size
-        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
-        self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = vae_embed_dim * patch_size**2
+        set_token_geometry(self, img_size, vae_stride, patch_size, vae_embed_dim)
         self.num_classes = class_num
         self.label_drop_prob = label_drop_prob
         self.diffusion_batch_mul = diffusion_batch_mul

@@ -82,6 +82,19 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def set_token_geometry(module, img_size, vae_stride, patch_size, vae_embed_dim):
+    """Check the image/latent/patch sizes and set the token grid attributes the models share."""
+    if img_size % (vae_stride * patch_size):
+        raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size = {vae_stride * patch_size}")
+    module.vae_embed_dim = vae_embed_dim
+    module.img_size = img_size
+    module.vae_stride = vae_stride
+    module.patch_size = patch_size
+    module.seq_h = module.seq_w = img_size // vae_stride // patch_size
+    module.seq_len = module.seq_h * module.seq_w
+    module.token_embed_dim = vae_embed_dim * patch_size**2
+
+
 def init_official_weights(module, embeddings):
     """The official initialisation: N(0, 0.02) for the learned embeddings, Xavier-uniform linears
     with zero bias, LayerNorms at weight 1 and bias 0 (the diffusion head initialises itself after)."""
@@ -133,17 +146,9 @@ class MAR(nn.Module):
                  buffer_size=64, diffloss_d=3, diffloss_w=1024, num_sampling_steps="100",
                  diffusion_batch_mul=4, grad_checkpointing=False, sample_clip=None, tokenizer=None):
         super().__init__()
-        if img_size % (vae_stride * patch_size):
-            raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size = {vae_stride * patch_size}")
         if not 0.0 < mask_ratio_min <= 1.0:
             raise ValueError(f"mask_ratio_min must lie in (0, 1], got {mask_ratio_min}")
-        self.vae_embed_dim = vae_embed_dim
-        self.img_size = img_size
-        self.vae_stride = vae_stride
-        self.patch_size = patch_size
-        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
-        self.seq_len = self.seq_h * self.seq_w
-        self.token_embed_dim = vae_embed_dim * patch_size**2
+        set_token_geometry(self, img_size, vae_stride, patch_size, vae_embed_dim)
         self.grad_checkpointing = grad_checkpointing
         self.num_classes = class_num
         self.mask_ratio_min = mask_ratio_min
