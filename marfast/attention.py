@@ -1,7 +1,8 @@
 """Bidirectional (non-causal) multi-head attention with a backend chosen per call.
 
-Inputs and output use the BSHD layout: q, k, v [B, N, H, Dh] (the last dimension contiguous),
-output [B, N, H, Dh] in the input dtype. Backends:
+Inputs and output use the BSHD layout: q [B, Nq, H, Dh], k and v [B, Nk, H, Dh] (the last dimension
+contiguous; Nq = Nk for self-attention, Nq != Nk for cross-attention), output [B, Nq, H, Dh] in the
+input dtype. Backends:
 
 - "fa2": FlashAttention-2, `flash_attn.flash_attn_func` (optional `flash-attn` package);
   CUDA compute capability >= 8.0, fp16/bf16, head dim <= 256.
@@ -135,8 +136,9 @@ def check_qkv(q, k, v):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-D tensor [B, N, H, Dh], got {getattr(t, 'shape', type(t))}")
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must have the same shape [B, N, H, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q [B, Nq, H, Dh] and k, v [B, Nk, H, Dh] must agree in B, H and Dh (k and v in shape), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not q.dtype == k.dtype == v.dtype or not q.is_floating_point():
         raise TypeError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
@@ -184,7 +186,8 @@ def run_attention(backend, q, k, v, dropout_p=0.0):
 
 
 def attention(q, k, v, dropout_p=0.0, backend=None):
-    """Non-causal attention, q, k, v [B, N, H, Dh] -> [B, N, H, Dh] in q's dtype.
+    """Non-causal attention, q [B, Nq, H, Dh], k, v [B, Nk, H, Dh] -> [B, Nq, H, Dh] in q's dtype
+    (Nq = Nk for self-attention; cross-attention when they differ).
 
     backend: "fa2", "fa4", "sdpa_flash" or "math" (checked against the inputs), or None to use
     `active_backend` for these inputs (MARFAST_ATTENTION or auto). dropout_p applies

@@ -137,7 +137,12 @@ def _read_official_pth(path, ema):
 
 
 def infer_config(state_dict):
-    """MAR constructor keywords for an official-layout state dict (sizes read off the tensors)."""
+    """MAR constructor keywords for an official-layout state dict (sizes read off the tensors).
+
+    A denoising head (`denoising_head.*`) is recognised; a De-MAR Transformer head is refused with
+    a CheckpointError, since its attention-head count is not in the tensors (guessing it would
+    load without error and compute another function).
+    """
     def shape(key):
         if key not in state_dict:
             raise CheckpointError(f"cannot infer the model configuration: missing key {key}")
@@ -154,6 +159,13 @@ def infer_config(state_dict):
     if side * side != seq_len:
         raise CheckpointError(f"diffusion_pos_embed_learned has {seq_len} positions, not a square grid")
     token_dim = shape("z_proj.weight")[1]
+    transformer_head = any(k.startswith("diffloss.net.blocks.") for k in state_dict)
+    if transformer_head:
+        raise CheckpointError("this state dict has a De-MAR Transformer head, whose attention-head count the tensors "
+                              "do not record: load it from a save_pretrained directory (config.json records it)")
+    de_mar = {}
+    if "denoising_head.refine_fc1.weight" in state_dict:
+        de_mar.update(denoising_head=True, denoising_width=shape("denoising_head.refine_fc1.weight")[0])
     return dict(
         img_size=side * 16, vae_stride=16, patch_size=1, vae_embed_dim=token_dim,
         encoder_embed_dim=enc_dim, encoder_depth=count("encoder_blocks"),
@@ -163,6 +175,7 @@ def infer_config(state_dict):
         buffer_size=shape("encoder_pos_embed_learned")[1] - seq_len,
         class_num=shape("class_emb.weight")[0],
         diffloss_d=count("diffloss.net.res_blocks"), diffloss_w=shape("diffloss.net.input_proj.weight")[0],
+        **de_mar,
     )
 
 

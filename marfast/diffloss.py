@@ -147,6 +147,57 @@ def check_temperature(temperature):
     return temperature
 
 
+def masked_diffusion_loss(diffusion, denoise, target, mask=None, t=None, noise=None):
+    """Masked mean of the per-row diffusion loss (eps MSE + variational bound): a scalar.
+
+    denoise(x_t [N, C], t long [N]) -> [N, 2C] is the net with its conditions bound; target
+    [N, C]; mask [N] or None; t: optional long [N] timesteps in 0..999 (drawn uniformly when
+    None); noise: optional [N, C] (drawn when None). Works in float32 (float64 for float64 target).
+    """
+    n = target.shape[0]
+    if t is None:
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), device=target.device)
+    elif t.shape != (n,) or t.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"t must be an integer tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    elif n and (int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS):
+        raise ValueError(f"t must lie in 0..{NUM_TRAIN_TIMESTEPS - 1}")
+    t = t.to(device=target.device, dtype=torch.long)
+    work_dtype = torch.promote_types(target.dtype, torch.float32)
+    x0 = target.to(work_dtype)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    elif noise.shape != target.shape:
+        raise ValueError(f"noise must have the shape of target {tuple(target.shape)}, got {tuple(noise.shape)}")
+    noise = noise.to(device=x0.device, dtype=work_dtype)
+    x_t = diffusion.q_sample(x0, t, noise)
+    loss = diffusion.training_losses(denoise(x_t, t).to(work_dtype), x0, x_t, t, noise)
+    if mask is not None:
+        if mask.shape != (n,):
+            raise ValueError(f"mask must have shape ({n},), got {tuple(mask.shape)}")
+        mask = mask.to(loss.dtype)
+        loss = (loss * mask).sum() / mask.sum()
+    return loss.mean()
+
+
+def initial_state(z, channels, cfg, noise=None, generator=None):
+    """x_T for the reverse loop: [R, C] in the state dtype (float32, float64 for float64 z).
+
+    z: [R, Z] conditions; with cfg != 1 R must be even (conditional rows, then unconditional) and
+    one [R/2, C] draw (or the given `noise`) is duplicated into both halves, as the official head does.
+    """
+    rows = z.shape[0]
+    if cfg != 1.0 and rows % 2:
+        raise ValueError(f"with cfg != 1, z must hold an even number of rows (conditional, then unconditional), got {rows}")
+    state_dtype = torch.promote_types(z.dtype, torch.float32)
+    half = rows // 2 if cfg != 1.0 else rows
+    if noise is None:
+        noise = torch.randn(half, channels, device=z.device, dtype=state_dtype, generator=generator)
+    elif tuple(noise.shape) != (half, channels):
+        raise ValueError(f"noise must have shape ({half}, {channels}), got {tuple(noise.shape)}")
+    x = noise.to(device=z.device, dtype=state_dtype)
+    return torch.cat([x, x]) if cfg != 1.0 else x
+
+
 def ddpm_sample_loop_reference(net, diffusion, z, x, temperature, cfg, draw_noise, clip_x0=None):
     """The official reverse DDPM loop: the net is called once per step.
 
@@ -156,7 +207,7 @@ def ddpm_sample_loop_reference(net, diffusion, z, x, temperature, cfg, draw_nois
     variance values stay per half. Returns x_0 [R, C] in x's dtype.
     """
     c = x.shape[-1]
-    param_dtype = net.input_proj.weight.dtype
+    param_dtype = next(net.parameters()).dtype
     use_cfg = cfg != 1.0
     for step in reversed(range(diffusion.num_timesteps)):
         t_orig = diffusion.timestep_map[step].to(x.device).expand(x.shape[0])
@@ -169,6 +220,15 @@ def ddpm_sample_loop_reference(net, diffusion, z, x, temperature, cfg, draw_nois
             eps = torch.cat([half_eps, half_eps])
         x = diffusion.p_sample_step(eps, v, x, step, draw_noise(step), temperature, clip_x0)
     return x
+
+
+def sample_with_fresh_noise(net, diffusion, z, x, temperature, cfg, generator=None, clip_x0=None):
+    """`ddpm_sample_loop_reference` with each step's noise [R, C] drawn from `generator` in turn."""
+
+    def draw_noise(step):
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+
+    return ddpm_sample_loop_reference(net, diffusion, z, x, temperature, cfg, draw_noise, clip_x0)
 
 
 class DiffLoss(nn.Module):
@@ -233,34 +293,15 @@ class DiffLoss(nn.Module):
         is deterministic.
         """
         self._check_rows(target, z)
-        n = target.shape[0]
-        if t is None:
-            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), device=target.device)
-        elif t.shape != (n,) or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"t must be an integer tensor of shape ({n},), got {t.dtype} {tuple(t.shape)}")
-        elif n and (int(t.min()) < 0 or int(t.max()) >= NUM_TRAIN_TIMESTEPS):
-            raise ValueError(f"t must lie in 0..{NUM_TRAIN_TIMESTEPS - 1}")
-        t = t.to(device=target.device, dtype=torch.long)
-        work_dtype = torch.promote_types(target.dtype, torch.float32)
-        x0 = target.to(work_dtype)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        elif noise.shape != target.shape:
-            raise ValueError(f"noise must have the shape of target {tuple(target.shape)}, got {tuple(noise.shape)}")
-        noise = noise.to(device=x0.device, dtype=work_dtype)
-        x_t = self.train_diffusion.q_sample(x0, t, noise)
         param_dtype = self.net.input_proj.weight.dtype
-        if self.backend_for(target.device) == "triton":
-            out = denoiser_forward_fused(self.net, x_t.to(param_dtype), t, z.to(param_dtype)).to(work_dtype)
-        else:
-            out = self.net(x_t.to(param_dtype), t, z.to(param_dtype)).to(work_dtype)
-        loss = self.train_diffusion.training_losses(out, x0, x_t, t, noise)
-        if mask is not None:
-            if mask.shape != (n,):
-                raise ValueError(f"mask must have shape ({n},), got {tuple(mask.shape)}")
-            mask = mask.to(loss.dtype)
-            loss = (loss * mask).sum() / mask.sum()
-        return loss.mean()
+        fused = self.backend_for(target.device) == "triton"
+
+        def denoise(x_t, t):
+            if fused:
+                return denoiser_forward_fused(self.net, x_t.to(param_dtype), t, z.to(param_dtype))
+            return self.net(x_t.to(param_dtype), t, z.to(param_dtype))
+
+        return masked_diffusion_loss(self.train_diffusion, denoise, target, mask, t, noise)
 
     def sample(self, z, temperature=1.0, cfg=1.0, *, noise=None, generator=None, clip_x0=None):
         """Draw tokens [R, C] for conditions z [R, Z] with the respaced reverse DDPM loop.
@@ -281,25 +322,12 @@ class DiffLoss(nn.Module):
         temperature = check_temperature(temperature)
         cfg = as_cfg_scale(cfg)
         rows = z.shape[0]
-        if cfg != 1.0 and rows % 2:
-            raise ValueError(f"with cfg != 1, z must hold an even number of rows (conditional, then unconditional), got {rows}")
-        state_dtype = torch.promote_types(z.dtype, torch.float32)
-        half = rows // 2 if cfg != 1.0 else rows
-        if noise is None:
-            noise = torch.randn(half, self.in_channels, device=z.device, dtype=state_dtype, generator=generator)
-        elif tuple(noise.shape) != (half, self.in_channels):
-            raise ValueError(f"noise must have shape ({half}, {self.in_channels}), got {tuple(noise.shape)}")
-        x = noise.to(device=z.device, dtype=state_dtype)
-        if cfg != 1.0:
-            x = torch.cat([x, x])
+        x = initial_state(z, self.in_channels, cfg, noise, generator)
         if self.backend_for(z.device) == "triton":
             from .fused_head import ddpm_sample_loop_fused
 
+            half = rows // 2 if cfg != 1.0 else rows
             step_noise = torch.randn(self.gen_diffusion.num_timesteps, half, self.in_channels, device=z.device,
-                                     dtype=state_dtype, generator=generator)
+                                     dtype=x.dtype, generator=generator)
             return ddpm_sample_loop_fused(self.net, self.gen_diffusion, z, x, temperature, cfg, step_noise, clip_x0)
-
-        def draw_noise(step):
-            return torch.randn(rows, self.in_channels, device=z.device, dtype=state_dtype, generator=generator)
-
-        return ddpm_sample_loop_reference(self.net, self.gen_diffusion, z, x, temperature, cfg, draw_noise, clip_x0)
+        return sample_with_fresh_noise(self.net, self.gen_diffusion, z, x, temperature, cfg, generator, clip_x0)

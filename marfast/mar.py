@@ -16,9 +16,12 @@ from tqdm import tqdm
 from .attention import active_backend as active_attention_backend
 from .attention import requested_backend as requested_attention_backend
 from .attention import run_attention
+from .demar import DenoisingHead, TransformerDiffLoss
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
 
 CFG_SCHEDULES = ("linear", "constant")
+HEADS = ("mlp", "transformer")
+DEFAULT_INPUT_NOISE_MAX_T = 100
 
 
 class Attention(nn.Module):
@@ -144,10 +147,25 @@ class MAR(nn.Module):
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, vae_embed_dim=16, mask_ratio_min=0.7,
                  label_drop_prob=0.1, class_num=1000, attn_dropout=0.1, proj_dropout=0.1,
                  buffer_size=64, diffloss_d=3, diffloss_w=1024, num_sampling_steps="100",
-                 diffusion_batch_mul=4, grad_checkpointing=False, sample_clip=None, tokenizer=None):
+                 diffusion_batch_mul=4, grad_checkpointing=False, sample_clip=None, tokenizer=None,
+                 head="mlp", head_num_heads=None, head_mlp_ratio=4.0, denoising_head=False, denoising_width=None,
+                 input_noise_max_t=None):
         super().__init__()
         if not 0.0 < mask_ratio_min <= 1.0:
             raise ValueError(f"mask_ratio_min must lie in (0, 1], got {mask_ratio_min}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head == "mlp" and (head_num_heads is not None or head_mlp_ratio != 4.0):
+            raise ValueError("head_num_heads and head_mlp_ratio configure head='transformer' only")
+        if not denoising_head and denoising_width is not None:
+            raise ValueError("denoising_width needs denoising_head=True")
+        if input_noise_max_t is None:
+            input_noise_max_t = DEFAULT_INPUT_NOISE_MAX_T if denoising_head else 0
+        if isinstance(input_noise_max_t, bool) or not isinstance(input_noise_max_t, int) \
+                or not 0 <= input_noise_max_t <= 1000:
+            raise ValueError(f"input_noise_max_t must be an integer in 0..1000, got {input_noise_max_t!r}")
+        self.head = head
+        self.input_noise_max_t = input_noise_max_t
         set_token_geometry(self, img_size, vae_stride, patch_size, vae_embed_dim)
         self.grad_checkpointing = grad_checkpointing
         self.num_classes = class_num
@@ -167,6 +185,10 @@ class MAR(nn.Module):
             num_sampling_steps=str(num_sampling_steps), diffusion_batch_mul=diffusion_batch_mul,
             sample_clip=list(sample_clip) if sample_clip is not None else None,
         )
+        if head != "mlp" or denoising_head or input_noise_max_t:
+            self.config.update(head=head, head_num_heads=head_num_heads, head_mlp_ratio=head_mlp_ratio,
+                               denoising_head=denoising_head, denoising_width=denoising_width,
+                               input_noise_max_t=input_noise_max_t)
 
         self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
@@ -184,14 +206,17 @@ class MAR(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
         self.initialize_weights()
-        self.diffloss = DiffLoss(
-            target_channels=self.token_embed_dim,
-            z_channels=decoder_embed_dim,
-            width=diffloss_w,
-            depth=diffloss_d,
-            num_sampling_steps=num_sampling_steps,
-            grad_checkpointing=grad_checkpointing,
-        )
+        if head == "mlp":
+            self.diffloss = DiffLoss(target_channels=self.token_embed_dim, z_channels=decoder_embed_dim,
+                                     width=diffloss_w, depth=diffloss_d, num_sampling_steps=num_sampling_steps,
+                                     grad_checkpointing=grad_checkpointing)
+        else:
+            self.diffloss = TransformerDiffLoss(target_channels=self.token_embed_dim, z_channels=decoder_embed_dim,
+                                                width=diffloss_w, depth=diffloss_d,
+                                                num_sampling_steps=num_sampling_steps, num_heads=head_num_heads,
+                                                mlp_ratio=head_mlp_ratio, grad_checkpointing=grad_checkpointing)
+        self.denoising_head = (DenoisingHead(self.token_embed_dim, decoder_embed_dim, denoising_width or decoder_embed_dim)
+                               if denoising_head else None)
 
     def initialize_weights(self):
         init_official_weights(self, (self.class_emb.weight, self.fake_latent, self.mask_token,
@@ -316,6 +341,13 @@ class MAR(nn.Module):
                              f"{int(labels.min())}..{int(labels.max())}")
 
     def forward_loss(self, z, target, mask):
+        """The diffusion head's loss on the masked tokens: z [B, L, Dd], target [B, L, Ct], mask [B, L].
+        Every row is repeated diffusion_batch_mul times (the transformer head's rows of one image
+        share that image's z [L, Dd] as context)."""
+        if self.head == "transformer":
+            mul = self.diffusion_batch_mul
+            return self.diffloss(target=target.repeat(1, mul, 1), z=z.repeat(1, mul, 1), context=z,
+                                 mask=mask.repeat(1, mul))
         bsz, seq_len, _ = target.shape
         target = target.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
         z = z.reshape(bsz * seq_len, -1).repeat(self.diffusion_batch_mul, 1)
@@ -332,9 +364,23 @@ class MAR(nn.Module):
         gt_latents = x.clone().detach()
         orders = self.sample_orders(x.size(0), generator)
         mask = self.random_masking(x, orders, generator)
-        x = self.forward_mae_encoder(x, mask, class_embedding, generator)
-        z = self.forward_mae_decoder(x, mask)
-        return self.forward_loss(z=z, target=gt_latents, mask=mask)
+        if self.input_noise_max_t:
+            x = self.noise_inputs(gt_latents, generator)
+        z = self.forward_mae_decoder(self.forward_mae_encoder(x, mask, class_embedding, generator), mask)
+        loss = self.forward_loss(z=z, target=gt_latents, mask=mask)
+        if self.denoising_head is not None:
+            known = mask == 0
+            refine_loss, assess_loss = self.denoising_head.losses(x[known], z[known], gt_latents[known])
+            loss = loss + refine_loss + assess_loss
+        return loss
+
+    def noise_inputs(self, tokens, generator=None):
+        """De-MAR's training-time input noise: tokens [B, L, Ct] diffused by the DDPM forward
+        process to a level t drawn per token uniformly from 0..input_noise_max_t - 1."""
+        rows = tokens.reshape(-1, tokens.shape[-1])
+        t = torch.randint(0, self.input_noise_max_t, (rows.shape[0],), generator=generator, device=tokens.device)
+        noise = torch.randn(rows.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
+        return self.diffloss.train_diffusion.q_sample(rows, t, noise).reshape(tokens.shape)
 
     # ----------------------------------------------------------------------------------------
     # sampling
@@ -356,7 +402,9 @@ class MAR(nn.Module):
         """Reference AR sampling loop (official semantics): latents [bsz, C, H, W], float32.
 
         labels: long [bsz] or None (unconditional, the fake latent). With cfg != 1 the batch is
-        doubled with the fake latent as the unconditional half.
+        doubled with the fake latent as the unconditional half. With a denoising head (De-MAR),
+        every step first replaces the known tokens by the head's mix of each token and its
+        refinement, conditioned on the conditional half's decoder outputs.
         """
         cfg, temperature = self.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
         if labels is not None:
@@ -377,22 +425,33 @@ class MAR(nn.Module):
                 class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
                 enc_mask = torch.cat([mask, mask])
             x = self.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
-            z = self.forward_mae_decoder(x, enc_mask)
+            z_all = self.forward_mae_decoder(x, enc_mask)
+            if self.denoising_head is not None:
+                known = mask == 0
+                cur_tokens[known] = self.denoising_head(tokens[known], z_all[:bsz][known]).to(cur_tokens.dtype)
             mask_len = next_mask_len(self.seq_len, step, num_iter, masked_now)
             mask_next = mask_by_order(mask_len, orders)
             mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
             mask, masked_now = mask_next.float(), mask_len
             if cfg != 1.0:
-                z = torch.cat([z[:bsz][mask_to_pred], z[bsz:][mask_to_pred]])
+                z = torch.cat([z_all[:bsz][mask_to_pred], z_all[bsz:][mask_to_pred]])
             else:
-                z = z[mask_to_pred]
+                z = z_all[mask_to_pred]
             cfg_iter = self.cfg_for_step(cfg, cfg_schedule, mask_len)
-            sampled = self.diffloss.sample(z, temperature, cfg_iter, generator=generator, clip_x0=self.sample_clip)
+            sampled = self.sample_head(z, z_all, temperature, cfg_iter, generator)
             if cfg != 1.0:
                 sampled = sampled[: sampled.shape[0] // 2]
             cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
             tokens = cur_tokens
         return self.unpatchify(tokens)
+
+    def sample_head(self, z, context, temperature, cfg, generator=None):
+        """The diffusion head's tokens [R, Ct] for rows z [R, Dd] (with CFG the conditional rows
+        first; image-major, position-ascending) of the images whose decoder outputs are context
+        [B', L, Dd] (only the transformer head reads it)."""
+        if self.head == "transformer":
+            return self.diffloss.sample(z, context, temperature, cfg, generator=generator, clip_x0=self.sample_clip)
+        return self.diffloss.sample(z, temperature, cfg, generator=generator, clip_x0=self.sample_clip)
 
     def sample_tokens_fast(self, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", labels=None, temperature=1.0,
                            progress=False, *, generator=None):
@@ -452,11 +511,29 @@ PRESETS = {
                      decoder_embed_dim=1280, decoder_depth=20, decoder_num_heads=16),
 }
 
+# De-MAR-B/L/H (Table 1 of the De-MAR paper): the MAR-B/L/H transformers with a Transformer
+# diffusion head of 4/6/9 blocks and the denoising head. The paper gives no head width; widths
+# 1024/1280/1280 reproduce its parameter counts (227M/524M/995M) within 2% (tests/test_demar.py).
+DEMAR_HEADS = {"demar_base": ("mar_base", 4, 1024), "demar_large": ("mar_large", 6, 1280),
+               "demar_huge": ("mar_huge", 9, 1280)}
+PRESETS.update({name: dict(PRESETS[base], head="transformer", denoising_head=True, diffloss_d=depth, diffloss_w=width)
+                for name, (base, depth, width) in DEMAR_HEADS.items()})
+
+# The four rows of the De-MAR ablation (Table 4): MAR, + Transformer diffusion head, + denoising
+# head (with its training-time input noise), and both (De-MAR). Pass one as MAR(**row, ...).
+DEMAR_ABLATIONS = {
+    "mar": dict(head="mlp", denoising_head=False),
+    "transformer_head": dict(head="transformer", denoising_head=False),
+    "denoising_head": dict(head="mlp", denoising_head=True),
+    "de_mar": dict(head="transformer", denoising_head=True),
+}
+
 norm_layer_eps6 = partial(nn.LayerNorm, eps=1e-6)
 
 
 def build_preset(name, **kwargs):
-    return MAR(**PRESETS[name], mlp_ratio=4, norm_layer=norm_layer_eps6, **kwargs)
+    """A preset of PRESETS; keyword arguments override its entries."""
+    return MAR(**{**PRESETS[name], **kwargs}, mlp_ratio=4, norm_layer=norm_layer_eps6)
 
 
 def mar_base(**kwargs):
@@ -472,3 +549,18 @@ def mar_large(**kwargs):
 def mar_huge(**kwargs):
     """MAR-H: width 1280, 20 + 20 blocks, 16 heads (released head: diffloss_d=12, diffloss_w=1536)."""
     return build_preset("mar_huge", **kwargs)
+
+
+def demar_base(**kwargs):
+    """De-MAR-B: MAR-B with a 4-block, width-1024 Transformer diffusion head and the denoising head."""
+    return build_preset("demar_base", **kwargs)
+
+
+def demar_large(**kwargs):
+    """De-MAR-L: MAR-L with a 6-block, width-1280 Transformer diffusion head and the denoising head."""
+    return build_preset("demar_large", **kwargs)
+
+
+def demar_huge(**kwargs):
+    """De-MAR-H: MAR-H with a 9-block, width-1280 Transformer diffusion head and the denoising head."""
+    return build_preset("demar_huge", **kwargs)

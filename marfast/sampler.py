@@ -64,8 +64,8 @@ def conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, b
     tokens [B, L, Ct] (known positions hold sampled tokens), orders long [B, L], class_embedding
     [B', D] (B' = 2B with CFG: conditional rows, then the fake latent), buffer_positions long
     [buffer] (0..buffer-1). Returns the head conditions [B' * P, Dd] (with CFG the conditional
-    rows first; within each half batch-major, position-ascending) and the predicted positions
-    long [B, P], P = plan.num_predicted.
+    rows first; within each half batch-major, position-ascending), the predicted positions
+    long [B, P], P = plan.num_predicted, and the decoder outputs of every position [B', L, Dd].
     """
     bsz = tokens.shape[0]
     known = sorted_positions(orders, plan.masked_before, orders.shape[1])
@@ -78,14 +78,28 @@ def conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg, b
     x = model.decoder_embed(x)
     x_after_pad = model.mask_token.to(x.dtype).repeat(x.shape[0], model.buffer_size + model.seq_len, 1)
     x_after_pad.scatter_(1, kept.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
-    z = model.run_decoder(x_after_pad)
+    z_all = model.run_decoder(x_after_pad)
     predicted = sorted_positions(orders, plan.predict_from, plan.masked_before)
-    index = predicted.unsqueeze(-1).expand(-1, -1, z.shape[-1])
+    index = predicted.unsqueeze(-1).expand(-1, -1, z_all.shape[-1])
     if use_cfg:
-        z = torch.cat([z[:bsz].gather(1, index), z[bsz:].gather(1, index)])
+        z = torch.cat([z_all[:bsz].gather(1, index), z_all[bsz:].gather(1, index)])
     else:
-        z = z.gather(1, index)
-    return z.reshape(-1, z.shape[-1]), predicted
+        z = z_all.gather(1, index)
+    return z.reshape(-1, z.shape[-1]), predicted, z_all
+
+
+def refine_known_tokens(model, tokens, orders, z_all, plan):
+    """De-MAR's denoising head on the positions known when `plan` starts: tokens [B, L, Ct] are
+    updated in place from the conditional decoder outputs z_all[:B] (no host synchronisation)."""
+    bsz, seq_len, channels = tokens.shape
+    if plan.masked_before == seq_len:
+        return
+    known = sorted_positions(orders, plan.masked_before, seq_len)
+    token_index = known.unsqueeze(-1).expand(-1, -1, channels)
+    z_known = z_all[:bsz].gather(1, known.unsqueeze(-1).expand(-1, -1, z_all.shape[-1]))
+    refined = model.denoising_head(tokens.gather(1, token_index).reshape(-1, channels),
+                                   z_known.reshape(-1, z_all.shape[-1]))
+    tokens.scatter_(1, token_index, refined.reshape(bsz, -1, channels).to(tokens.dtype))
 
 
 class StepGraphs:
@@ -153,7 +167,8 @@ class StepGraphs:
             torch.cuda.current_stream().wait_stream(self.stream)
 
     def run(self, plan):
-        """Replay the step's graph: (conditions [B' * P, Dd], predicted positions long [B, P])."""
+        """Replay the step's graph: (conditions [B' * P, Dd], predicted positions long [B, P],
+        decoder outputs [B', L, Dd])."""
         graph, outputs = self.graphs[self.step_key(plan)]
         graph.replay()
         return outputs
@@ -229,8 +244,9 @@ def run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, *, g
 
     orders long [B, L]; class_embedding [B', D] (B' = 2B with CFG: conditional rows, then the
     fake latent); plans from `plan_steps`; temperature a float. timer: optional PhaseTimer that
-    receives the phases "transformer" (encoder and decoder with their gathers and scatters) and
-    "head" (the diffusion head's sampling and the token write) of every step. graphs: optional
+    receives the phases "transformer" (encoder and decoder with their gathers and scatters),
+    "denoising head" (De-MAR models only) and "head" (the diffusion head's sampling and the token
+    write) of every step. graphs: optional
     StepGraphs; the transformer steps are then replayed CUDA graphs (any missing graph is captured
     before the loop, which synchronises).
     """
@@ -252,9 +268,12 @@ def run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, *, g
     phase = timer.phase if timer is not None else _untimed
     for plan in tqdm(plans, desc="MAR steps", leave=False) if progress else plans:
         with phase("transformer"):
-            z, predicted = conditions(plan)
+            z, predicted, z_all = conditions(plan)
+        if model.denoising_head is not None:
+            with phase("denoising head"):
+                refine_known_tokens(model, work_tokens, orders, z_all, plan)
         with phase("head"):
-            sampled = model.diffloss.sample(z, temperature, plan.cfg_scale, generator=generator, clip_x0=model.sample_clip)
+            sampled = model.sample_head(z, z_all, temperature, plan.cfg_scale, generator)
             if use_cfg:
                 sampled = sampled[: sampled.shape[0] // 2]
             sampled = sampled.reshape(bsz, plan.num_predicted, tokens.shape[-1]).to(tokens.dtype)

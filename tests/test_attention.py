@@ -155,10 +155,21 @@ def test_bad_inputs_raise():
     q, k, v = random_qkv((1, 5, 2, 4), torch.float32)
     with pytest.raises(ValueError, match="4-D"):
         attn.attention(q[0], k[0], v[0])
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="must agree"):
         attn.attention(q, k[:, :3], v)
+    with pytest.raises(ValueError, match="must agree"):
+        attn.attention(q[..., :2], k, v)
     with pytest.raises(TypeError, match="dtype"):
         attn.attention(q, k.double(), v)
+
+
+def test_cross_attention_with_fewer_queries_than_keys_matches_math():
+    """Queries [B, Nq, H, Dh] attend over Nk != Nq keys (the De-MAR transformer head's case)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 3, 2, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 7, 2, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    expected = torch.einsum("bqhk,bkhd->bqhd", (torch.einsum("bqhd,bkhd->bqhk", q, k) / 8 ** 0.5).softmax(-1), v)
+    torch.testing.assert_close(attn.attention(q, k, v), expected, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_step_conditions_equal_reference_encoder_decoder(use_cfg):
         z_all = model.forward_mae_decoder(model.forward_mae_encoder(enc_tokens, enc_mask, class_embedding), enc_mask)
         to_predict = torch.logical_xor(mask.bool(), mask_by_order(plan.predict_from, orders))
         expected = torch.cat([z_all[:bsz][to_predict], z_all[bsz:][to_predict]]) if use_cfg else z_all[to_predict]
-        z, predicted = conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg,
+        z, predicted, _ = conditions_for_step(model, tokens, orders, class_embedding, plan, use_cfg,
                                            torch.arange(model.buffer_size))
     assert torch.equal(z, expected)
     assert torch.equal(predicted, to_predict.nonzero()[:, 1].reshape(bsz, -1))

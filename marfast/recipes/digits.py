@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from ..mar import MAR, norm_layer_eps6
+from ..mar import DEMAR_ABLATIONS, MAR, norm_layer_eps6
 from ..tokenizer import PixelPatchTokenizer
 
 NUM_CLASSES = 10
@@ -77,10 +77,20 @@ def digits_split(seed=SPLIT_SEED, heldout_fraction=HELDOUT_FRACTION):
     return DigitsSplit(images[train_idx], labels[train_idx], images[heldout_idx], labels[heldout_idx])
 
 
-def build_digits_model():
-    """A freshly initialised digits MAR (global torch RNG) with its pixel-patch tokenizer attached."""
+# The De-MAR ablation rows at digits size: the Transformer head has 2 blocks of width 128 (4
+# attention heads), about as many parameters as the MLP head's 3 blocks.
+VARIANTS = {name: dict(row, diffloss_d=2) if row["head"] == "transformer" else dict(row)
+            for name, row in DEMAR_ABLATIONS.items()}
+
+
+def build_digits_model(variant="mar"):
+    """A freshly initialised digits MAR (global torch RNG) with its pixel-patch tokenizer attached.
+    variant: a row of the De-MAR ablation (VARIANTS: "mar", the shipped `digits` model, and
+    "transformer_head", "denoising_head", "de_mar", the shipped `digits-demar`)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     tokenizer = PixelPatchTokenizer(**TOKENIZER_CONFIG)
-    model = MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **MODEL_CONFIG)
+    model = MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **{**MODEL_CONFIG, **VARIANTS[variant]})
     model.config["tokenizer"] = tokenizer.config
     return model
 
@@ -118,14 +128,16 @@ def mean_loss(model, latents, labels, seed, repeats=4, batch_size=256):
 
 
 def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.999, warmup_steps=100, seed=0,
-          progress=True, log=print):
-    """Train the digits model; returns (EMA model in eval mode, stats dict)."""
+          progress=True, log=print, variant="mar"):
+    """Train the digits model (`variant`: see build_digits_model); returns (EMA model in eval mode, stats dict)."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("warmup_steps", warmup_steps)):
         if value < (0 if name == "warmup_steps" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     split = digits_split()
     torch.manual_seed(seed)
-    model = build_digits_model()
+    model = build_digits_model(variant)
     tokenizer = model.tokenizer
     train_latents = tokenizer.encode(split.train_images)
     heldout_latents = tokenizer.encode(split.heldout_images)
@@ -134,7 +146,7 @@ def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.99
     generator = torch.Generator().manual_seed(seed)
     n_train = train_latents.shape[0]
     num_params = sum(p.numel() for p in model.parameters())
-    log(f"digits MAR: {num_params / 1e6:.2f}M parameters, {n_train} training / {heldout_latents.shape[0]} held-out "
+    log(f"digits MAR ({variant}): {num_params / 1e6:.2f}M parameters, {n_train} training / {heldout_latents.shape[0]} held-out "
         f"images, {steps} steps of {batch_size}, {torch.get_num_threads()} CPU threads, seed {seed}")
     model.train()
     order, cursor = torch.randperm(n_train, generator=generator), 0
@@ -160,7 +172,7 @@ def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.99
             bar.set_postfix(loss=f"{running_loss:.4f}", img_s=f"{(step + 1) * batch_size / elapsed:.0f}")
     train_seconds = time.perf_counter() - start
     bar.close()
-    stats = dict(steps=steps, batch_size=batch_size, seed=seed, train_seconds=train_seconds,
+    stats = dict(variant=variant, steps=steps, batch_size=batch_size, seed=seed, train_seconds=train_seconds,
                  images_per_second=steps * batch_size / train_seconds, final_running_loss=running_loss,
                  ema_train_loss=mean_loss(ema_model, train_latents[: heldout_latents.shape[0]],
                                           split.train_labels[: heldout_latents.shape[0]], seed),
@@ -180,6 +192,9 @@ def add_train_arguments(parser):
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads; bitwise results depend on it, and the shipped weights were trained "
                         "with 1, which is also the fastest choice on a busy machine (default: %(default)s)")
+    parser.add_argument("--variant", default="mar", choices=sorted(VARIANTS),
+                        help="De-MAR ablation row: mar (the shipped `digits`), de_mar (the shipped `digits-demar`), "
+                        "transformer_head or denoising_head (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -188,7 +203,7 @@ def run_from_args(args):
     """Train with parsed arguments and save the EMA model to args.out; returns the output path."""
     torch.set_num_threads(args.threads)
     model, _ = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, variant=args.variant)
     out = model.save_pretrained(args.out)
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}; try: marfast sample --model {out}")
     return out
