@@ -2,7 +2,8 @@
 
 Supported sources for `load_model`: a directory written by `save_pretrained` (config.json +
 model.safetensors), an official training checkpoint (`.pth` with `model` / `model_ema`, loaded
-with weights_only=True), a flat safetensors state dict with official key names, the name of a
+with weights_only=True; the configuration is read off the tensors, or taken from the
+`model_config` entry that marfast's trainer adds), a flat safetensors state dict with official key names, the name of a
 model shipped inside the package (`"digits"`), and the names of the public Hugging Face port
 (`"mar-base"`, `"mar-large"`, `"mar-huge"`, and `"kl16"` for the VAE), downloaded once through
 huggingface_hub and cached. The port's safetensors are reported (by a third-party audit) to hold
@@ -129,11 +130,12 @@ def _read_official_pth(path, ema):
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
     key = "model_ema" if ema else "model"
+    config = ckpt.get("model_config") if isinstance(ckpt.get("model_config"), dict) else None
     if key in ckpt and isinstance(ckpt[key], dict):
-        return ckpt[key]
+        return ckpt[key], config
     if any(k in ckpt for k in ("model", "model_ema")):
         raise CheckpointError(f"{path} has no '{key}' entry (it has: {_listing(k for k in ckpt if isinstance(k, str))})")
-    return ckpt
+    return ckpt, None
 
 
 def infer_config(state_dict):
@@ -264,10 +266,10 @@ def _load_mar(source, ema, device, dtype, revision, hub_repo):
         return _build(config, _read_safetensors(weights_path), device, dtype)
     if path.is_file():
         if path.suffix == ".safetensors":
-            state_dict = _read_safetensors(path)
+            state_dict, config = _read_safetensors(path), None
         else:
-            state_dict = _read_official_pth(path, ema)
-        return _build(infer_config(state_dict), state_dict, device, dtype)
+            state_dict, config = _read_official_pth(path, ema)
+        return _build(config if config is not None else infer_config(state_dict), state_dict, device, dtype)
     known = sorted(p.name for p in PACKAGED_MODELS_DIR.iterdir() if p.is_dir()) if PACKAGED_MODELS_DIR.is_dir() else []
     raise FileNotFoundError(f"{source!r} is neither a file, a directory, a packaged model (packaged: {known}) "
                             f"nor a hub model ({sorted(k for k in HUB_FILES if k != 'kl16')})")

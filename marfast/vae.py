@@ -231,7 +231,7 @@ def load_vae(path, device=None, dtype=None):
     from .checkpoint import CheckpointError, _read_official_pth, _read_safetensors, check_state_dict
 
     path = str(path)
-    state = _read_safetensors(path) if path.endswith(".safetensors") else _read_official_pth(path, ema=False)
+    state = _read_safetensors(path) if path.endswith(".safetensors") else _read_official_pth(path, ema=False)[0]
     state = {k: v for k, v in state.items() if not k.startswith("loss.")}
     vae = KLAutoencoder()
     try:

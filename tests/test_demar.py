@@ -429,6 +429,25 @@ def test_de_mar_checkpoints_round_trip(tmp_path):
     assert all(torch.equal(mlp.state_dict()[k], v) for k, v in flat.state_dict().items())
 
 
+def test_de_mar_trains_with_the_trainer_and_its_checkpoint_loads(tmp_path):
+    from marfast.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    tiny_mar(head="transformer", head_num_heads=4, denoising_head=True).save_pretrained(init)
+    latents = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(latents, torch.arange(16) % 10)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), model=str(init), batch_size=8, epochs=1, max_steps=2,
+                         lr=1e-3, warmup_epochs=0.0, save_every_steps=2, log_every_steps=1, progress=False,
+                         precision="fp32")
+    history = Trainer(config, dataset=data, log=lambda *a: None).train()
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    loaded = MAR.load(tmp_path / "run" / "checkpoint-last.pth")  # config from the checkpoint's model_config
+    ema = MAR.load(tmp_path / "run" / "ema")
+    assert loaded.config == ema.config and loaded.diffloss.net.blocks[0].attn.num_heads == 4
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in ema.state_dict().items())
+
+
 def test_de_mar_presets_are_training_presets():
     assert {"demar_base", "demar_large", "demar_huge"} <= set(PRESETS)
     assert PRESETS["demar_base"]["diffloss_d"] == 4 and PRESETS["demar_huge"]["diffloss_w"] == 1280
