@@ -7,7 +7,8 @@
 # usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--out DIR] [--seconds N]
 #                                [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
 #   --quick       the quick benchmark subset (--bench-quick): head 6x1024 at 8 and 4096 rows and
-#                 12x1536 at 4096 rows, mar_base at batch 1 and 256 with 64 AR steps
+#                 12x1536 at 4096 rows, mar_base at batch 1 and 256 with 64 AR steps, De-MAR heads
+#                 of demar_base at batch 1 and 256 and demar_huge at batch 256 (4 tokens per image)
 #   --no-tests    skip the GPU parity tests; --tests-only: run only them
 #   --out DIR     where results go (default: $OUT if set, else benchmarks/results/)
 #   --seconds N   wall-clock limit of the whole call (default 530; env MARFAST_SUITE_SECONDS)
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --seconds) LIMIT_S="$2"; shift ;;
     -k) K_EXPR="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

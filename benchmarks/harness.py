@@ -173,6 +173,67 @@ def head_sampling_work(net, rows, steps, weight_bytes_per_param, state_bytes=4):
     return float(flops), float(bytes_min)
 
 
+def transformer_head_flops(depth, width, channels, z_channels, context_len, hidden, frequency_channels=256):
+    """(FLOPs per row per DDPM step, FLOPs per image per sampling call) of De-MAR's Transformer head.
+
+    Per row and step, as `marfast.demar.TransformerDenoiser` computes them: the time embedding
+    (F -> W -> W, F = frequency_channels; t is per row), cond_embed (Z -> W), the shared adaLN
+    projection (W -> 4W), input_proj (C -> W), per block q and proj (2 W^2), the FFN (2 W hidden)
+    and the attention of the row to its image's L context tokens (q k^T and p v: 4 L W), and the
+    final linear (W -> 2C). Per image and call: each block's key/value projection of the context
+    (L x Z -> 2W), computed once per sampling call. Unlike `head_flops_per_row_step` (MLP head),
+    the time embedding and cond_embed count per row and step, because this net runs them so.
+    """
+    linear_per_row = (frequency_channels * width + width**2 + z_channels * width + 4 * width**2 + channels * width
+                      + depth * (2 * width**2 + 2 * width * hidden) + 2 * channels * width)
+    per_row_step = 2 * linear_per_row + depth * 4 * context_len * width
+    per_image_call = depth * 2 * context_len * z_channels * 2 * width
+    return per_row_step, per_image_call
+
+
+def transformer_head_sampling_work(net, groups, rows_per_image, context_len, steps, weight_bytes_per_param,
+                                   state_bytes=4):
+    """(flops, bytes_min) of one `TransformerDiffLoss.sample` call: `groups` images (CFG: both
+    halves counted), `rows_per_image` rows each, `context_len` context tokens per image.
+
+    net: a `marfast.demar.TransformerDenoiser`. bytes_min, in the weight dtype unless said: the
+    weights used per step read once per step, the key/value projection weights and the context
+    [G, L, Z] read once, the keys and values [G, L, 2W] of every block written once and read once
+    per step (they are per image: at large batches they outweigh the weights), the state x read
+    and written per step in the state dtype, and z read once.
+    """
+    depth, width = len(net.blocks), net.model_channels
+    channels, z_channels = net.in_channels, net.z_channels
+    hidden = net.blocks[0].mlp[0].out_features
+    per_row_step, per_image_call = transformer_head_flops(depth, width, channels, z_channels, context_len, hidden,
+                                                          net.time_embed.frequency_embedding_size)
+    rows = groups * rows_per_image
+    flops = steps * rows * per_row_step + groups * per_image_call
+    kv_params = sum(p.numel() for block in net.blocks for p in block.attn.kv.parameters())
+    step_params = sum(p.numel() for p in net.parameters()) - kv_params
+    kv_elements = depth * groups * context_len * 2 * width
+    bytes_min = steps * (step_params * weight_bytes_per_param + kv_elements * weight_bytes_per_param
+                         + 2 * rows * channels * state_bytes) \
+        + (kv_params + groups * context_len * z_channels + kv_elements + rows * z_channels) * weight_bytes_per_param
+    return float(flops), float(bytes_min)
+
+
+def denoising_head_work(head, rows, bytes_per_element):
+    """(flops, bytes_min) of one `marfast.demar.DenoisingHead` forward over `rows` rows.
+
+    FLOPs: its four linear layers per row (refinement C+Z -> W -> C, assessment 2C+Z -> W -> 2).
+    bytes_min: the weights once, the noisy tokens [rows, C] and z [rows, Z] read and the mixed
+    tokens [rows, C] written, all in `bytes_per_element`.
+    """
+    layers = (head.refine_fc1, head.refine_fc2, head.assess_fc1, head.assess_fc2)
+    flops = rows * sum(2 * layer.in_features * layer.out_features for layer in layers)
+    channels = head.refine_fc2.out_features
+    z_channels = head.refine_fc1.in_features - channels
+    params = sum(p.numel() for p in head.parameters())
+    bytes_min = (params + rows * (2 * channels + z_channels)) * bytes_per_element
+    return float(flops), float(bytes_min)
+
+
 def transformer_block_flops(dim, tokens, mlp_ratio):
     """FLOPs of one pre-norm ViT block over `tokens` tokens of one sequence (projections + attention)."""
     return (8 + 4 * mlp_ratio) * dim**2 * tokens + 4 * tokens**2 * dim
@@ -363,20 +424,22 @@ class BenchSession:
             rounds = min(rounds, 3)
         return first_call_s, rounds
 
-    def time_reference_within_case(self, reference_fn, case_key, warmup_calls, expected_s, target_s):
+    def time_reference_within_case(self, reference_fn, case_key, warmup_calls, expected_s, target_s,
+                                   reference_provider=REFERENCE):
         """Time the reference in this case (when its own case did not run in this session)."""
         first_s, rounds = self.warm_up(reference_fn, warmup_calls, expected_s, target_s,
                                        f"timing the reference of {case_key} within the case")
         for _ in range(rounds):
             self.measure(reference_fn)
         median = statistics.median(self.clock.samples_s[-rounds:])
-        self.medians[(case_key, REFERENCE)] = median
+        self.medians[(case_key, reference_provider)] = median
         first = f", first call {first_s:.4g} s" if first_s is not None else ""
         return median, f"timed within this case ({rounds} rounds after {warmup_calls} warm-up calls{first})"
 
     def run_case(self, benchmark, *, case, case_key, provider, fn, work, params, provider_detail="",
                  warmup_calls=None, expected_s=None, target_s=None, check_output=None, notes=(),
-                 reference_fn=None, reference_warmup_calls=None, reference_expected_s=None):
+                 reference_fn=None, reference_warmup_calls=None, reference_expected_s=None,
+                 reference_provider=REFERENCE):
         """Warm up, time and record one (case, provider) pair; returns the extra_info dict.
 
         fn: the call to time (one full unit of work, e.g. a whole 100-step sampling loop).
@@ -390,6 +453,8 @@ class BenchSession:
         reference_fn, reference_warmup_calls, reference_expected_s: the reference provider's call
         for the same case and how to warm it up; it is timed here only when the reference case did
         not run earlier in this session (e.g. filtered out by -k).
+        reference_provider: the provider whose median the speedups of this case divide (default
+        REFERENCE; a case comparing two models names one of its own providers).
         """
         benchmark.group = case_key
         if warmup_calls is None:
@@ -433,16 +498,18 @@ class BenchSession:
             "gb_per_s": work.bytes_min / median / 1e9,
         }
         info.update(self.roofline_fields(work, median))
-        if provider == REFERENCE:
+        info["reference_provider"] = reference_provider
+        if provider == reference_provider:
             info.update(speedup_vs_reference=1.0, reference_median_s=median, reference_source="this case")
         else:
-            reference = self.medians.get((case_key, REFERENCE))
+            reference = self.medians.get((case_key, reference_provider))
             source = "same run, reference case of this group"
             if reference is None and reference_fn is not None:
                 if reference_warmup_calls is None:
                     reference_warmup_calls = 2 if self.on_gpu else 1
                 reference, source = self.time_reference_within_case(
-                    reference_fn, case_key, reference_warmup_calls, reference_expected_s, target_s)
+                    reference_fn, case_key, reference_warmup_calls, reference_expected_s, target_s,
+                    reference_provider)
             if reference is None:
                 info.update(speedup_vs_reference=None, reference_source="reference not timed in this run")
             else:

@@ -9,7 +9,8 @@ import torch
 
 import marfast.diffloss as diffloss_module
 from marfast import DiffLoss
-from marfast.mar import mask_by_order, next_mask_len
+from marfast.demar import DenoisingHead, TransformerDiffLoss
+from marfast.mar import DEMAR_HEADS, mask_by_order, next_mask_len
 
 TOKEN_CHANNELS = 16
 DDPM_STEPS = 100
@@ -34,6 +35,37 @@ RELEASED_HEADS = (
 TINY_HEAD = HeadSpec("tiny2x64", 2, 64, 32)
 
 RELEASED_CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2}
+RELEASED_HEAD_OF = dict(zip(("mar_base", "mar_large", "mar_huge"), RELEASED_HEADS))
+SEQ_LEN_256PX = 256  # tokens per image at 256 px (VAE stride 16, patch size 1)
+
+
+@dataclass(frozen=True)
+class DemarHeadPair:
+    """One MAR size's two diffusion heads at the same z width: the released MLP head `mlp` and
+    De-MAR's Transformer head (depth x width), for images of `seq_len` context tokens."""
+
+    name: str
+    mlp: HeadSpec
+    depth: int
+    width: int
+    seq_len: int = SEQ_LEN_256PX
+
+    @property
+    def z_channels(self):
+        return self.mlp.z_channels
+
+    @property
+    def channels(self):
+        return self.mlp.channels
+
+    @property
+    def transformer_name(self):
+        return f"{self.depth}x{self.width}"
+
+
+DEMAR_HEAD_PAIRS = tuple(DemarHeadPair(name, RELEASED_HEAD_OF[base], depth, width)
+                         for name, (base, depth, width) in DEMAR_HEADS.items())
+TINY_DEMAR_PAIR = DemarHeadPair("demar_tiny", TINY_HEAD, 2, 64, seq_len=16)
 
 TINY_MAR_CONFIG = dict(img_size=64, vae_stride=16, patch_size=1, vae_embed_dim=TOKEN_CHANNELS,
                        encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
@@ -62,6 +94,24 @@ def build_head(spec, device, dtype, backend, state_dict=None):
         randomize_(head, seed=spec.depth * 1000 + spec.width)
     else:
         head.load_state_dict(state_dict)
+    return head.to(dtype=dtype).eval()
+
+
+def build_transformer_head(pair, device, dtype):
+    """TransformerDiffLoss of `pair` (z width of its MAR size) with 100 DDPM steps in eval mode,
+    random weights in `dtype`."""
+    with torch.device(device):
+        head = TransformerDiffLoss(target_channels=pair.channels, z_channels=pair.z_channels, depth=pair.depth,
+                                   width=pair.width, num_sampling_steps=str(DDPM_STEPS))
+    randomize_(head, seed=pair.depth * 1000 + pair.width + 1)
+    return head.to(dtype=dtype).eval()
+
+
+def build_denoising_head(pair, device, dtype):
+    """DenoisingHead of `pair` as MAR builds it (width = the decoder width z), random weights in `dtype`."""
+    with torch.device(device):
+        head = DenoisingHead(pair.channels, pair.z_channels, pair.z_channels)
+    randomize_(head, seed=pair.z_channels + 2)
     return head.to(dtype=dtype).eval()
 
 

@@ -24,11 +24,14 @@ from pathlib import Path
 
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
-PROVIDER_RANK = {"reference_eager": 0, "torch_compile": 1, "marfast_fused_head": 2, "marfast_fused": 3}
+PROVIDER_RANK = {"reference_eager": 0, "torch_compile": 1, "marfast_fused_head": 2, "marfast_fused": 3,
+                 "mlp_reference": 4, "mlp_fused": 5, "transformer_reference": 6, "transformer_compile": 7}
 # x axis and the parameters that make one line of a plot, per case (other cases: chosen from the data).
 PLOT_AXES = {
     "head_sample": ("rows", ("head",)),
     "mar_sample": ("batch", ("model", "num_iter")),
+    "demar_head_sample": ("batch", ("size", "tokens_per_image")),
+    "demar_denoising_head": ("batch", ("size", "tokens_per_image")),
 }
 PARAM_LABELS = {"num_iter": "AR steps", "ddpm_steps": "DDPM steps"}
 
@@ -122,6 +125,12 @@ def case_label(row):
         label = f"{params.get('model')} b{params.get('batch')}, {params.get('num_iter')} AR steps"
         stride = (row.get("timing") or {}).get("stride", 1)
         return label + (f" (every {stride}th step timed, images/s estimated)" if stride > 1 else "")
+    if case == "demar_head_sample":
+        return (f"{params.get('size')} heads b{params.get('batch')}, {params.get('tokens_per_image')} tokens/image "
+                f"(MLP {params.get('mlp_head')} vs Transformer {params.get('transformer_head')})")
+    if case == "demar_denoising_head":
+        return (f"{params.get('size')} denoising head b{params.get('batch')}, "
+                f"{params.get('known_rows')} known tokens")
     simple = [f"{PARAM_LABELS.get(k, k)}={v}" for k, v in params.items() if isinstance(v, (int, float, str))]
     return f"{case}: " + ", ".join(simple) if simple else case
 
@@ -190,7 +199,8 @@ def summary_table(results):
     for row in results["rows"]:
         by_case[row["case_key"]][row["provider"]] = row
     providers = sorted({row["provider"] for row in results["rows"]}, key=lambda p: PROVIDER_RANK.get(p, 99))
-    others = [p for p in providers if p != "reference_eager"]
+    references = {row.get("reference_provider", "reference_eager") for row in results["rows"]}
+    others = [p for p in providers if p not in references]
     head = ["case"] + providers + [f"{p} speedup" for p in others] + [f"{p} % roofline" for p in others]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case_key in sorted(by_case, key=lambda k: sort_key(next(iter(by_case[k].values())))):

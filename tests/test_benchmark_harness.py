@@ -53,6 +53,58 @@ def test_head_work_counts_flops_and_weight_traffic():
     assert bytes_min == 7 * (params * 2 + 2 * 10 * 16 * 4) + 10 * 24 * 2
 
 
+def test_transformer_head_work_matches_a_hand_count_and_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from marfast.demar import TransformerDenoiser
+
+    channels, width, z_channels, depth, hidden, freq = 4, 32, 24, 2, 128, 256
+    groups, per_image, context_len, steps = 2, 3, 5, 7
+    net = TransformerDenoiser(channels, width, 2 * channels, z_channels, depth, num_heads=2, mlp_ratio=4.0)
+    flops, bytes_min = harness.transformer_head_sampling_work(net, groups, per_image, context_len, steps,
+                                                              weight_bytes_per_param=2)
+    # per row and step: time embedding, cond_embed, adaLN, input_proj, per block q + proj + FFN, final linear,
+    # attention over L context tokens; per image and call: each block's key/value projection
+    per_row_step = (2 * (freq * width + width * width + z_channels * width + width * 4 * width + channels * width
+                         + depth * (2 * width * width + 2 * width * hidden) + width * 2 * channels)
+                    + depth * 4 * context_len * width)
+    assert per_row_step == 71168
+    per_image_call = depth * 2 * context_len * z_channels * 2 * width
+    rows = groups * per_image
+    assert flops == steps * rows * per_row_step + groups * per_image_call
+
+    kv_params = depth * (z_channels * 2 * width + 2 * width)
+    step_params = sum(p.numel() for p in net.parameters()) - kv_params
+    kv_elements = depth * groups * context_len * 2 * width
+    assert bytes_min == steps * (2 * step_params + 2 * kv_elements + 2 * rows * channels * 4) \
+        + 2 * (kv_params + groups * context_len * z_channels + kv_elements + rows * z_channels)
+
+    # one sampling call with one DDPM step: the keys/values once and the net once, as counted by torch
+    x = torch.randn(groups, per_image, channels)
+    z = torch.randn(groups, per_image, z_channels)
+    context = torch.randn(groups, context_len, z_channels)
+    t = torch.randint(0, 1000, (groups, per_image))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, t, z, net.context_keys_values(context))
+    one_step, _ = harness.transformer_head_sampling_work(net, groups, per_image, context_len, 1, 2)
+    assert counter.get_total_flops() == one_step
+
+
+def test_denoising_head_work_matches_a_hand_count_and_the_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from marfast.demar import DenoisingHead
+
+    head = DenoisingHead(token_channels=4, z_channels=6, width=8)
+    flops, bytes_min = harness.denoising_head_work(head, rows=10, bytes_per_element=2)
+    assert flops == 10 * 2 * ((4 + 6) * 8 + 8 * 4 + (2 * 4 + 6) * 8 + 8 * 2)
+    params = (10 * 8 + 8) + (8 * 4 + 4) + (14 * 8 + 8) + (8 * 2 + 2)
+    assert bytes_min == (params + 10 * (4 + 6 + 4)) * 2
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        head(torch.randn(10, 4), torch.randn(10, 6))
+    assert counter.get_total_flops() == flops
+
+
 def test_roofline_floor_takes_the_binding_resource():
     roof = harness.Roofline("cuda:0", 800.0, "bfloat16", 8192, 3000.0, 2**30, 20, "synthetic")
     assert roof.floor_s(800e12, 3e9) == pytest.approx(1.0)          # compute-bound
@@ -132,6 +184,23 @@ def test_pytest_benchmark_records_device_clock_times(benchmark):
     assert benchmark.extra_info["case_key"] == "matmul/64"
     if benchmark.stats is not None:  # None under --benchmark-disable
         assert benchmark.stats.stats.data == pytest.approx(session.last_samples_s)
+
+
+@pytest.mark.benchmark(timer=harness.device_clock)
+def test_a_case_can_name_its_own_reference_provider(benchmark):
+    """Speedups divide the named provider's median; timed within the case, it is kept under that name."""
+    session = harness.BenchSession(torch.device("cpu"), harness.Budget(None), target_s=60.0, max_rounds=3, quick=False)
+    session._roofline = harness.Roofline("cpu", 1.0, "float32", 64, 1.0, 64, 1, "synthetic")
+    a = torch.randn(64, 64)
+    work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
+    info = session.run_case(benchmark, case="pair", case_key="pair/64", provider="transformer_reference",
+                            fn=lambda: a @ a @ a, work=work, params={"n": 64}, warmup_calls=1,
+                            reference_fn=lambda: a @ a, reference_warmup_calls=1, reference_provider="mlp_reference")
+    reference = session.medians[("pair/64", "mlp_reference")]
+    assert ("pair/64", harness.REFERENCE) not in session.medians
+    assert info["reference_provider"] == "mlp_reference" and info["reference_median_s"] == reference
+    assert info["speedup_vs_reference"] == pytest.approx(reference / info["median_s"])
+    assert info["reference_source"].startswith("timed within this case")
 
 
 @pytest.fixture

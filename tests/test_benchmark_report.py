@@ -183,3 +183,21 @@ def test_format_seconds(seconds, text):
 @pytest.mark.parametrize("value, text", [(1.5e9, "1.5G x/s"), (2500, "2.5k x/s"), (12.0, "12 x/s"), (None, "-")])
 def test_format_rate(value, text):
     assert report.format_rate(value, "x/s") == text
+
+
+def test_demar_heads_cases_are_labelled_and_compared_with_their_named_reference():
+    params = {"size": "demar_base", "batch": 16, "tokens_per_image": 4, "mlp_head": "6x1024",
+              "transformer_head": "4x1024"}
+    rows = [{"case": "demar_head_sample", "case_key": "demar_head_sample/demar_base/b=16/p=4", "provider": provider,
+             "reference_provider": "mlp_reference", "params": params, "median_s": median,
+             "speedup_vs_reference": speedup, "roofline_fraction": 0.1}
+            for provider, median, speedup in (("transformer_reference", 0.5, 0.4), ("mlp_reference", 0.2, 1.0))]
+    rows.append({"case": "demar_denoising_head", "case_key": "demar_denoising_head/demar_base/b=16/p=4",
+                 "provider": "reference_eager", "params": {"size": "demar_base", "batch": 16, "known_rows": 4032},
+                 "median_s": 0.001, "speedup_vs_reference": 1.0})
+    lines = report.summary_table({"rows": rows}).splitlines()
+    assert lines[0] == ("| case | reference_eager | mlp_reference | transformer_reference | "
+                        "transformer_reference speedup | transformer_reference % roofline |")
+    assert lines[2] == "| demar_base denoising head b16, 4032 known tokens | 1 ms | - | - | - | - |"
+    assert lines[3] == ("| demar_base heads b16, 4 tokens/image (MLP 6x1024 vs Transformer 4x1024) | - | 200 ms | "
+                        "500 ms | 0.40x | 10.0% |")
