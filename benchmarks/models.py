@@ -156,6 +156,18 @@ def fused_head_absence(head, z_channels, device, dtype, cfg):
     return None
 
 
+def fused_copy_or_reason(reference, spec, z_channels, device, cfg):
+    """(head, None): a `DiffLoss(backend="triton")` of `spec` with the reference head's weights and
+    dtype, when its fused sampling path runs on `device`; otherwise (None, skip reason)."""
+    dtype = reference.net.input_proj.weight.dtype
+    try:
+        head = build_head(spec, device, dtype, backend="triton", state_dict=reference.state_dict())
+    except (ValueError, NotImplementedError, ImportError) as error:
+        return None, f"DiffLoss(backend='triton') cannot be built: {type(error).__name__}: {error}"
+    reason = fused_head_absence(head, z_channels, device, dtype, cfg)
+    return (None, reason) if reason else (head, None)
+
+
 def resolve_fast_sampler(model):
     """(callable(**sample_tokens kwargs), description) of the fast MAR sampling loop, or (None, reason).
 

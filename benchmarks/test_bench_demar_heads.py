@@ -44,7 +44,7 @@ from marfast.diffloss import initial_state, sample_with_fresh_noise
 from .harness import (REFERENCE, Work, denoising_head_work, head_sampling_work,
                       transformer_head_sampling_work)
 from .models import (DDPM_STEPS, DEMAR_HEAD_PAIRS, TINY_DEMAR_PAIR, build_denoising_head, build_head,
-                     build_transformer_head, fused_head_absence, require_finite_tokens)
+                     build_transformer_head, fused_copy_or_reason, require_finite_tokens)
 
 CFG = 3.0
 ON_GPU = torch.cuda.is_available()
@@ -97,15 +97,7 @@ def _fused_mlp_head(bench, pair):
     """(head, None) with the fused backend and the reference MLP head's weights, or (None, skip reason)."""
     key = ("demar_fused_mlp_head", pair)
     if key not in bench.cache:
-        reference = _mlp_head(bench, pair)
-        dtype = _weight_dtype(bench)
-        try:
-            head = build_head(pair.mlp, bench.device, dtype, backend="triton", state_dict=reference.state_dict())
-        except (ValueError, NotImplementedError, ImportError) as error:
-            bench.cache[key] = (None, f"DiffLoss(backend='triton') cannot be built: {type(error).__name__}: {error}")
-        else:
-            reason = fused_head_absence(head, pair.z_channels, bench.device, dtype, CFG)
-            bench.cache[key] = (None, reason) if reason else (head, None)
+        bench.cache[key] = fused_copy_or_reason(_mlp_head(bench, pair), pair.mlp, pair.z_channels, bench.device, CFG)
     return bench.cache[key]
 
 

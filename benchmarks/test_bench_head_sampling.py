@@ -19,8 +19,8 @@ import torch
 
 from marfast.diffloss import ddpm_sample_loop_reference
 
-from .harness import COMPILE, FUSED, PROVIDER_ORDER, REFERENCE, Work, head_sampling_work
-from .models import (DDPM_STEPS, RELEASED_HEADS, TINY_HEAD, build_head, fused_head_absence,
+from .harness import COMPILE, PROVIDER_ORDER, REFERENCE, Work, head_sampling_work
+from .models import (DDPM_STEPS, RELEASED_HEADS, TINY_HEAD, build_head, fused_copy_or_reason,
                      require_finite_tokens)
 
 CFG = 3.0
@@ -61,15 +61,7 @@ def _fused_head(bench, spec):
     """(head, None) with the fused backend, or (None, skip reason)."""
     key = ("fused_head", spec)
     if key not in bench.cache:
-        reference = _reference_head(bench, spec)
-        dtype = reference.net.input_proj.weight.dtype
-        try:
-            head = build_head(spec, bench.device, dtype, backend="triton", state_dict=reference.state_dict())
-        except (ValueError, NotImplementedError, ImportError) as error:
-            bench.cache[key] = (None, f"DiffLoss(backend='triton') cannot be built: {type(error).__name__}: {error}")
-        else:
-            reason = fused_head_absence(head, spec.z_channels, bench.device, dtype, CFG)
-            bench.cache[key] = (None, reason) if reason else (head, None)
+        bench.cache[key] = fused_copy_or_reason(_reference_head(bench, spec), spec, spec.z_channels, bench.device, CFG)
     return bench.cache[key]
 
 

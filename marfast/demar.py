@@ -37,8 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import active_backend as active_attention_backend
 from .attention import run_attention
-from .diffloss import (TimestepEmbedder, as_cfg_scale, check_float_tensor, check_temperature, initial_state,
-                       masked_diffusion_loss, sample_with_fresh_noise)
+from .diffloss import (TimestepEmbedder, as_cfg_scale, check_float_tensor, check_temperature, init_denoiser_linears,
+                       initial_state, masked_diffusion_loss, sample_with_fresh_noise)
 from .diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, parse_num_steps
 
 NORM_EPS = 1e-6
@@ -133,12 +133,7 @@ class TransformerDenoiser(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        init_denoiser_linears(self)
         for layer in (self.adaLN_modulation[-1], self.final_linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -244,7 +239,6 @@ class TransformerDiffLoss(nn.Module):
         return masked_diffusion_loss(self.train_diffusion, denoise, target.reshape(g * p, c), flat(mask), flat(t),
                                      flat(noise))
 
-    @torch.no_grad()
     def sample(self, z, context, temperature=1.0, cfg=1.0, *, noise=None, generator=None, clip_x0=None):
         """Draw tokens [R, C] for rows z [R, Z] of the images whose conditional tokens are context
         [G, L, Z] (R = G * P, image-major). noise, generator, clip_x0 and the CFG convention as in

@@ -72,6 +72,17 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def init_denoiser_linears(net):
+    """The official head initialisation before its zero layers: Xavier-uniform linears with zero
+    bias, then N(0, 0.02) for the time embedding's two linears (net.time_embed)."""
+    for module in net.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(net.time_embed.mlp[0].weight, std=0.02)
+    nn.init.normal_(net.time_embed.mlp[2].weight, std=0.02)
+
+
 class SimpleMLPAdaLN(nn.Module):
     """The denoiser: net(x [N, C], t [N] original 0..999 timesteps, c [N, Z]) -> [N, 2C] (eps, v)."""
 
@@ -90,12 +101,7 @@ class SimpleMLPAdaLN(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.time_embed.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.time_embed.mlp[2].weight, std=0.02)
+        init_denoiser_linears(self)
         for block in self.res_blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from marfast import DiffLoss
 from marfast.checkpoint import CheckpointError, load_state_dict_checked
 from marfast.diffloss import ddpm_sample_loop_reference
-from marfast.diffusion import GaussianDiffusion, timestep_embedding
+from marfast.diffusion import GaussianDiffusion
 
 from helpers import official_key_shapes
 
@@ -152,7 +152,6 @@ def test_sample_cfg_follows_official_conventions():
     head = small_head()
     b = 4
     z = torch.randn(2 * b, 6, dtype=torch.float64)
-    x_t = torch.randn(b, 3, dtype=torch.float64)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     # the same generator stream: x_T drawn first (B rows), then 2B rows of noise per step
     out = head.sample(z, temperature=0.8, cfg=2.5, generator=g1)

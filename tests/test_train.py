@@ -1,6 +1,5 @@
 """Training: official recipe pieces, digits runs that learn, exact resume, DDP (gloo) vs one process,
 latent caching, and configurations that fail before any work starts."""
-import dataclasses
 import os
 import socket
 
