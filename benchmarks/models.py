@@ -204,39 +204,18 @@ def masked_before_steps(seq_len, num_iter):
 @torch.no_grad()
 def reference_ar_steps(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
     """Run only the AR steps `steps` of `model.sample_tokens(bsz, num_iter, ...)`, each with the shapes
-    and mask state the complete loop has when it reaches that step: the body of the reference loop,
-    step by step (the mask of a step is rebuilt from the orders, one extra scatter per step; token
-    values are zeros, which does not change the cost). Returns tokens [bsz, L, Ct].
+    and mask state the complete loop has when it reaches that step: `MAR.reference_step`, the body of
+    the reference loop (the mask of a step is rebuilt from the orders, one extra scatter per step;
+    token values are zeros, which does not change the cost). Returns tokens [bsz, L, Ct].
     """
     seq_len = model.seq_len
     masked_before = masked_before_steps(seq_len, num_iter)
     orders = model.sample_orders(bsz)
     tokens = torch.zeros(bsz, seq_len, model.token_embed_dim, device=model.device)
     for step in steps:
-        masked_now = masked_before[step]
-        mask = mask_by_order(masked_now, orders).float()
-        cur_tokens = tokens.clone()
-        class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
-        enc_tokens, enc_mask = tokens, mask
-        if cfg != 1.0:
-            enc_tokens = torch.cat([tokens, tokens])
-            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
-            enc_mask = torch.cat([mask, mask])
-        x = model.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
-        z = model.forward_mae_decoder(x, enc_mask)
-        mask_len = next_mask_len(seq_len, step, num_iter, masked_now)
-        mask_next = mask_by_order(mask_len, orders)
-        mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
-        if cfg != 1.0:
-            z = torch.cat([z[:bsz][mask_to_pred], z[bsz:][mask_to_pred]])
-        else:
-            z = z[mask_to_pred]
-        sampled = model.diffloss.sample(z, temperature, model.cfg_for_step(cfg, cfg_schedule, mask_len),
-                                        clip_x0=model.sample_clip)
-        if cfg != 1.0:
-            sampled = sampled[: sampled.shape[0] // 2]
-        cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
-        tokens = cur_tokens
+        mask = mask_by_order(masked_before[step], orders).float()
+        tokens, _, _ = model.reference_step(tokens, mask, masked_before[step], orders, step, num_iter, cfg,
+                                            cfg_schedule, labels, temperature)
     return tokens
 
 

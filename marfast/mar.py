@@ -417,33 +417,40 @@ class MAR(nn.Module):
         masked_now = self.seq_len
         steps = range(num_iter)
         for step in tqdm(steps, desc="MAR steps", leave=False) if progress else steps:
-            cur_tokens = tokens.clone()
-            class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
-            enc_tokens, enc_mask = tokens, mask
-            if cfg != 1.0:
-                enc_tokens = torch.cat([tokens, tokens])
-                class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
-                enc_mask = torch.cat([mask, mask])
-            x = self.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
-            z_all = self.forward_mae_decoder(x, enc_mask)
-            if self.denoising_head is not None:
-                known = mask == 0
-                cur_tokens[known] = self.denoising_head(tokens[known], z_all[:bsz][known]).to(cur_tokens.dtype)
-            mask_len = next_mask_len(self.seq_len, step, num_iter, masked_now)
-            mask_next = mask_by_order(mask_len, orders)
-            mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
-            mask, masked_now = mask_next.float(), mask_len
-            if cfg != 1.0:
-                z = torch.cat([z_all[:bsz][mask_to_pred], z_all[bsz:][mask_to_pred]])
-            else:
-                z = z_all[mask_to_pred]
-            cfg_iter = self.cfg_for_step(cfg, cfg_schedule, mask_len)
-            sampled = self.sample_head(z, z_all, temperature, cfg_iter, generator)
-            if cfg != 1.0:
-                sampled = sampled[: sampled.shape[0] // 2]
-            cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
-            tokens = cur_tokens
+            tokens, mask, masked_now = self.reference_step(tokens, mask, masked_now, orders, step, num_iter, cfg,
+                                                           cfg_schedule, labels, temperature, generator)
         return self.unpatchify(tokens)
+
+    def reference_step(self, tokens, mask, masked_now, orders, step, num_iter, cfg, cfg_schedule, labels, temperature,
+                       generator=None):
+        """One step of the reference AR loop (`sample_tokens`): tokens [B, L, Ct] and float mask
+        [B, L] (1 = masked; masked_now positions, the first of each row's orders) when step `step` of
+        `num_iter` starts -> (tokens, mask, masked_now) when it ends. cfg, temperature: floats."""
+        bsz = tokens.shape[0]
+        cur_tokens = tokens.clone()
+        class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+        enc_tokens, enc_mask = tokens, mask
+        if cfg != 1.0:
+            enc_tokens = torch.cat([tokens, tokens])
+            class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
+            enc_mask = torch.cat([mask, mask])
+        x = self.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
+        z_all = self.forward_mae_decoder(x, enc_mask)
+        if self.denoising_head is not None:
+            known = mask == 0
+            cur_tokens[known] = self.denoising_head(tokens[known], z_all[:bsz][known]).to(cur_tokens.dtype)
+        mask_len = next_mask_len(self.seq_len, step, num_iter, masked_now)
+        mask_next = mask_by_order(mask_len, orders)
+        mask_to_pred = mask.bool() if step >= num_iter - 1 else torch.logical_xor(mask.bool(), mask_next)
+        if cfg != 1.0:
+            z = torch.cat([z_all[:bsz][mask_to_pred], z_all[bsz:][mask_to_pred]])
+        else:
+            z = z_all[mask_to_pred]
+        sampled = self.sample_head(z, z_all, temperature, self.cfg_for_step(cfg, cfg_schedule, mask_len), generator)
+        if cfg != 1.0:
+            sampled = sampled[: sampled.shape[0] // 2]
+        cur_tokens[mask_to_pred] = sampled.to(cur_tokens.dtype)
+        return cur_tokens, mask_next.float(), mask_len
 
     def sample_head(self, z, context, temperature, cfg, generator=None):
         """The diffusion head's tokens [R, Ct] for rows z [R, Dd] (with CFG the conditional rows
