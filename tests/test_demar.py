@@ -16,6 +16,7 @@ from marfast.checkpoint import CheckpointError, infer_config, load_model
 from marfast.demar import SCORE_FLOOR, DenoisingHead, TransformerDiffLoss
 from marfast.diffusion import GaussianDiffusion
 from marfast.mar import DEFAULT_INPUT_NOISE_MAX_T, DEMAR_ABLATIONS, PRESETS
+from marfast.sampler import plan_steps, sample_tokens_fast
 
 from helpers import tiny_mar
 
@@ -393,8 +394,6 @@ def test_sampling_refines_the_known_tokens_every_step(monkeypatch):
     num_iter, bsz = 5, 2
     refined = model.sample_tokens_fast(bsz, num_iter=num_iter, cfg=2.0, labels=torch.tensor([1, 2]),
                                        generator=torch.Generator().manual_seed(6))
-    from marfast.sampler import plan_steps
-
     plans = plan_steps(model, num_iter, 2.0, "linear")
     assert calls == [bsz * (model.seq_len - p.masked_before) for p in plans if p.masked_before < model.seq_len]
     model.denoising_head = None
@@ -473,3 +472,60 @@ def test_gpu_transformer_head_bf16_matches_float32_under_flash_attention():
     # bf16 GEMMs and attention (8-bit mantissa) through 4 post-normed blocks: 5% of the output scale
     scale = expected.abs().max()
     assert (got.float() - expected).abs().max() <= 0.05 * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# digits: the recipe's variants and the shipped `digits-demar` model
+
+def test_digits_recipe_builds_and_trains_every_ablation_row(tmp_path):
+    pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
+    from marfast.recipes import digits as recipe
+
+    assert set(recipe.VARIANTS) == set(DEMAR_ABLATIONS)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        recipe.build_digits_model("gmm")
+    model, stats = recipe.train(steps=2, batch_size=16, seed=1, progress=False, log=lambda *_: None,
+                                variant="de_mar")
+    assert stats["variant"] == "de_mar" and model.head == "transformer" and model.denoising_head is not None
+    model.save_pretrained(tmp_path / "m")
+    loaded = MAR.load(tmp_path / "m")
+    assert loaded.config == model.config and loaded.config["tokenizer"]["type"] == "pixel_patch"
+    images = loaded.sample([1, 2], num_iter=2, cfg=2.0, seed=0, progress=False)
+    assert images.dtype == torch.uint8 and images.shape == (2, 8, 8)
+
+
+def test_packaged_de_mar_digits_meets_the_default_models_quality_bar():
+    """The same bar as tests/test_digits.py applies to the default model (measured values:
+    marfast/weights/digits-demar/METRICS.md)."""
+    pytest.importorskip("sklearn", reason="the digits quality judge needs scikit-learn")
+    from marfast.recipes.digits_quality import DEFAULT_CFG, DEFAULT_NUM_ITER, DigitsJudge, evaluate, format_metrics
+
+    model = MAR.load("digits-demar")
+    assert model.head == "transformer" and model.denoising_head is not None
+    metrics = evaluate(model, DigitsJudge(), per_class=20, cfg=DEFAULT_CFG, num_iter=DEFAULT_NUM_ITER,
+                       unconditional=100, seed=0)
+    print("\n" + format_metrics(metrics))
+    assert metrics["accuracy"] >= 0.95
+    assert all(count > 0 for count in metrics["unconditional_class_counts"])
+    assert metrics["fd_generated"] < metrics["fd_reference"]["noisy_train"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("row", sorted(DEMAR_ABLATIONS))
+def test_gpu_every_ablation_row_samples_the_same_in_both_loops_and_under_cuda_graphs(row):
+    """On CUDA in bf16 autocast (flash attention, the fused MLP head where the row has it): the
+    sync-free loop, with and without CUDA graphs of the transformer steps, equals the reference."""
+    torch.manual_seed(0)
+    model = randomise(tiny_mar(**DEMAR_ABLATIONS[row], encoder_embed_dim=64, decoder_embed_dim=64,
+                               encoder_num_heads=1, decoder_num_heads=1), seed=21, std=0.05).cuda().eval()
+    labels = torch.arange(4, device="cuda")
+    runs = {}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for name, cuda_graphs in (("fast", False), ("graphs", True)):
+            runs[name] = sample_tokens_fast(model, 4, num_iter=4, cfg=2.0, labels=labels, cuda_graphs=cuda_graphs,
+                                            generator=torch.Generator("cuda").manual_seed(1))
+        runs["reference"] = model.sample_tokens(4, num_iter=4, cfg=2.0, labels=labels,
+                                                generator=torch.Generator("cuda").manual_seed(1))
+    assert torch.isfinite(runs["reference"]).all()
+    assert torch.equal(runs["fast"], runs["reference"]) and torch.equal(runs["graphs"], runs["reference"])
