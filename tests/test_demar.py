@@ -477,7 +477,7 @@ def test_gpu_transformer_head_bf16_matches_float32_under_flash_attention():
 # ------------------------------------------------------------------------------------------------
 # digits: the recipe's variants and the shipped `digits-demar` model
 
-def test_digits_recipe_builds_and_trains_every_ablation_row(tmp_path):
+def test_digits_recipe_builds_and_trains_every_ablation_row(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
     from marfast.recipes import digits as recipe
 
@@ -492,6 +492,13 @@ def test_digits_recipe_builds_and_trains_every_ablation_row(tmp_path):
     assert loaded.config == model.config and loaded.config["tokenizer"]["type"] == "pixel_patch"
     images = loaded.sample([1, 2], num_iter=2, cfg=2.0, seed=0, progress=False)
     assert images.dtype == torch.uint8 and images.shape == (2, 8, 8)
+    assert recipe.build_digits_model("denoising_head", input_noise_max_t=25).input_noise_max_t == 25
+    for argv, message in ((["--input-noise-max-t", "25"], "needs a variant with the denoising head"),
+                          (["--variant", "de_mar", "--input-noise-max-t", "2000"], "must lie in 0..1000")):
+        with pytest.raises(SystemExit) as exc:
+            recipe.main(argv + ["--out", str(tmp_path / "x")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_packaged_de_mar_digits_meets_the_default_models_quality_bar():

@@ -83,14 +83,16 @@ VARIANTS = {name: dict(row, diffloss_d=2) if row["head"] == "transformer" else d
             for name, row in DEMAR_ABLATIONS.items()}
 
 
-def build_digits_model(variant="mar"):
+def build_digits_model(variant="mar", input_noise_max_t=None):
     """A freshly initialised digits MAR (global torch RNG) with its pixel-patch tokenizer attached.
     variant: a row of the De-MAR ablation (VARIANTS: "mar", the shipped `digits` model, and
-    "transformer_head", "denoising_head", "de_mar", the shipped `digits-demar`)."""
+    "transformer_head", "denoising_head", "de_mar", the shipped `digits-demar`).
+    input_noise_max_t: the denoising head's input-noise range (None: MAR's default)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    extra = {} if input_noise_max_t is None else dict(input_noise_max_t=input_noise_max_t)
     tokenizer = PixelPatchTokenizer(**TOKENIZER_CONFIG)
-    model = MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **{**MODEL_CONFIG, **VARIANTS[variant]})
+    model = MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **{**MODEL_CONFIG, **VARIANTS[variant], **extra})
     model.config["tokenizer"] = tokenizer.config
     return model
 
@@ -128,8 +130,9 @@ def mean_loss(model, latents, labels, seed, repeats=4, batch_size=256):
 
 
 def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.999, warmup_steps=100, seed=0,
-          progress=True, log=print, variant="mar"):
-    """Train the digits model (`variant`: see build_digits_model); returns (EMA model in eval mode, stats dict)."""
+          progress=True, log=print, variant="mar", input_noise_max_t=None):
+    """Train the digits model (`variant`, `input_noise_max_t`: see build_digits_model); returns (EMA
+    model in eval mode, stats dict)."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("warmup_steps", warmup_steps)):
         if value < (0 if name == "warmup_steps" else 1):
             raise ValueError(f"{name} must be positive, got {value}")
@@ -137,7 +140,7 @@ def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.99
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     split = digits_split()
     torch.manual_seed(seed)
-    model = build_digits_model(variant)
+    model = build_digits_model(variant, input_noise_max_t)
     tokenizer = model.tokenizer
     train_latents = tokenizer.encode(split.train_images)
     heldout_latents = tokenizer.encode(split.heldout_images)
@@ -195,6 +198,8 @@ def add_train_arguments(parser):
     parser.add_argument("--variant", default="mar", choices=sorted(VARIANTS),
                         help="De-MAR ablation row: mar (the shipped `digits`), de_mar (the shipped `digits-demar`), "
                         "transformer_head or denoising_head (default: %(default)s)")
+    parser.add_argument("--input-noise-max-t", type=int, default=None,
+                        help="with a denoising head: input-noise levels 0..N-1 of 1000 (default: MAR's, 100)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -203,7 +208,7 @@ def run_from_args(args):
     """Train with parsed arguments and save the EMA model to args.out; returns the output path."""
     torch.set_num_threads(args.threads)
     model, _ = train(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     progress=not args.no_progress, variant=args.variant)
+                     progress=not args.no_progress, variant=args.variant, input_noise_max_t=args.input_noise_max_t)
     out = model.save_pretrained(args.out)
     print(f"wrote {out / 'config.json'} and {out / 'model.safetensors'}; try: marfast sample --model {out}")
     return out
@@ -221,6 +226,11 @@ def check_train_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.input_noise_max_t is not None:
+        if not VARIANTS[args.variant]["denoising_head"]:
+            parser.error(f"--input-noise-max-t needs a variant with the denoising head, not {args.variant!r}")
+        if not 0 <= args.input_noise_max_t <= 1000:
+            parser.error(f"--input-noise-max-t must lie in 0..1000, got {args.input_noise_max_t}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out!r} exists and is not a directory")
