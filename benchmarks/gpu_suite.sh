@@ -4,8 +4,8 @@
 # (pytest -m gpu tests/), run the benchmarks into a JSON named after the device and the date, and
 # print a short summary table last. The whole call stays within a wall-clock limit (default 530 s).
 #
-# usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--out DIR] [--seconds N]
-#                                [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
+# usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--profile | --profile-only]
+#                                [--out DIR] [--seconds N] [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
 #   --quick       the quick benchmark subset (--bench-quick): head 6x1024 at 8 and 4096 rows and
 #                 12x1536 at 4096 rows, mar_base at batch 1 and 256 with 64 AR steps, De-MAR heads
 #                 of demar_base at batch 1 and 256 and demar_huge at batch 256 (4 tokens per image)
@@ -14,6 +14,11 @@
 #   --seconds N   wall-clock limit of the whole call (default 530; env MARFAST_SUITE_SECONDS)
 #   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
+#   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
+#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace), mar_base batch 1 with
+#                 64 AR steps fused, without and with CUDA graphs of the transformer steps; writes
+#                 profile-*.json and profile-<tag>.log into the out dir
+#   --profile-only  only those profiles (no tests, no benchmarks), with the whole limit
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +27,8 @@ LIMIT_S="${MARFAST_SUITE_SECONDS:-530}"
 OUT_DIR="${OUT:-$REPO/benchmarks/results}"
 QUICK=0
 ALLOW_CPU=0
+PROFILE=0
+PROFILE_RESERVE_S=0
 RUN_TESTS=1
 RUN_BENCH=1
 K_EXPR=""
@@ -33,17 +40,21 @@ while [ $# -gt 0 ]; do
     --allow-cpu) ALLOW_CPU=1 ;;
     --no-tests) RUN_TESTS=0 ;;
     --tests-only) RUN_BENCH=0 ;;
+    --profile) PROFILE=1 ;;
+    --profile-only) PROFILE=1; RUN_TESTS=0; RUN_BENCH=0 ;;
     --out) OUT_DIR="$2"; shift ;;
     --seconds) LIMIT_S="$2"; shift ;;
     -k) K_EXPR="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
 
 DEADLINE=$((START + LIMIT_S))
+# with --profile, the tests leave this much of the limit to the profiles
+[ "$PROFILE" = 1 ] && PROFILE_RESERVE_S=240
 seconds_left() { echo $((DEADLINE - $(date +%s))); }
 say() { echo "[gpu_suite $(date -u +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 
@@ -120,7 +131,7 @@ fi
 # ------------------------------------------------------------------------------------------------
 TESTS_RC="not run"
 if [ "$RUN_TESTS" = 1 ]; then
-  LEFT=$(seconds_left)
+  LEFT=$(( $(seconds_left) - PROFILE_RESERVE_S ))
   if [ "$RUN_BENCH" = 1 ]; then TESTS_S=$(( LEFT * 2 / 5 < 240 ? LEFT * 2 / 5 : 240 )); else TESTS_S=$((LEFT - 10)); fi
   say "GPU parity tests: pytest -m gpu tests/ (limit ${TESTS_S}s)"
   timeout -s INT -k 15 "$TESTS_S" python3 -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
@@ -128,6 +139,51 @@ if [ "$RUN_TESTS" = 1 ]; then
   TESTS_RC=${PIPESTATUS[0]}
   say "GPU parity tests finished with exit code $TESTS_RC (5: no test is marked gpu; 124/130: stopped at the time limit)"
   [ "$TESTS_RC" = 5 ] && TESTS_RC="none marked gpu"
+fi
+
+# ------------------------------------------------------------------------------------------------
+PROFILE_RC="not run"
+PROFILE_NOTE=""
+if [ "$PROFILE" = 1 ]; then
+  LEFT=$(seconds_left)
+  if [ "$RUN_BENCH" = 1 ]; then PROFILE_S=$(( LEFT - 60 < PROFILE_RESERVE_S ? LEFT - 60 : PROFILE_RESERVE_S )); else PROFILE_S=$((LEFT - 10)); fi
+  PROFILE_END=$(( $(date +%s) + PROFILE_S ))
+  PROFILE_LOG="$OUT_DIR/profile-$TAG.log"
+  PROFILE_RC=0
+  profile_case() {  # NAME ARGS...: one python -m benchmarks.profile_kernels call within the profile step's time
+    local name="$1" left=$((PROFILE_END - $(date +%s)))
+    shift
+    if [ "$left" -lt 30 ]; then
+      say "profile $name: not run, ${left}s left of the profile step" | tee -a "$PROFILE_LOG"
+      PROFILE_RC=1
+      return
+    fi
+    say "profile $name: python -m benchmarks.profile_kernels $* --out $OUT_DIR (limit ${left}s)" | tee -a "$PROFILE_LOG"
+    timeout -s INT -k 15 "$left" python3 -m benchmarks.profile_kernels "$@" --out "$OUT_DIR" 2>&1 | tee -a "$PROFILE_LOG"
+    local rc=${PIPESTATUS[0]}
+    say "profile $name finished with exit code $rc" | tee -a "$PROFILE_LOG"
+    left=$((PROFILE_END - $(date +%s)))
+    case "$rc" in
+      0|2|3|124|130|137) ;;  # done, bad options, fused path missing, time limit
+      *) if [ "$left" -ge 30 ]; then  # a crash: retry once with the profiler initialised before graph capture
+           say "profile $name: retrying with --init-profiler-early (limit ${left}s)" | tee -a "$PROFILE_LOG"
+           timeout -s INT -k 15 "$left" python3 -m benchmarks.profile_kernels "$@" --init-profiler-early \
+             --out "$OUT_DIR" 2>&1 | tee -a "$PROFILE_LOG"
+           rc=${PIPESTATUS[0]}
+           say "profile $name (retry) finished with exit code $rc" | tee -a "$PROFILE_LOG"
+         fi ;;
+    esac
+    [ "$rc" = 0 ] || PROFILE_RC=1
+  }
+  if [ "${TAG#cpu-}" != "$TAG" ]; then  # --allow-cpu without a GPU: the tiny reference cases exercise this step
+    profile_case head --case head --head tiny --rows 8 --provider reference --calls 1
+    profile_case mar --case mar --head tiny --batch 1 --num-iter 4 --provider reference --calls 1
+  else
+    profile_case head --case head --head 6x1024 --rows 8 --provider fused --trace
+    MARFAST_CUDA_GRAPHS=0 profile_case mar --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2
+    profile_case mar-graphs --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2 --cuda-graphs
+  fi
+  PROFILE_NOTE="; profiles: exit code $PROFILE_RC"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -162,14 +218,14 @@ if [ -n "$JSON" ] && [ -s "$JSON" ]; then
   python3 -m benchmarks.report "$JSON" --quiet --markdown "${JSON%.json}.md" --plots "$OUT_DIR/plots-$TAG$SUFFIX" \
     || say "report.py failed"
   echo
-  echo "GPU parity tests: exit code $TESTS_RC; benchmarks: exit code $BENCH_RC; JSON: $JSON"
+  echo "GPU parity tests: exit code $TESTS_RC$PROFILE_NOTE; benchmarks: exit code $BENCH_RC; JSON: $JSON"
   echo
   python3 -m benchmarks.report "$JSON" --summary
 else
-  echo "GPU parity tests: exit code $TESTS_RC; benchmarks: exit code $BENCH_RC; no benchmark JSON was written"
+  echo "GPU parity tests: exit code $TESTS_RC$PROFILE_NOTE; benchmarks: exit code $BENCH_RC; no benchmark JSON was written"
 fi
 
-for rc in "$TESTS_RC" "$BENCH_RC"; do
+for rc in "$TESTS_RC" "$PROFILE_RC" "$BENCH_RC"; do
   case "$rc" in "not run"|"none marked gpu"|0) ;; *) exit 1 ;; esac
 done
 exit 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import marfast.diffloss as diffloss_module
-from marfast import DiffLoss
+from marfast import MAR, DiffLoss, mar_base, mar_huge, mar_large
 from marfast.demar import DenoisingHead, TransformerDiffLoss
 from marfast.mar import DEMAR_HEADS, mask_by_order, next_mask_len
 
@@ -95,6 +95,27 @@ def build_head(spec, device, dtype, backend, state_dict=None):
     else:
         head.load_state_dict(state_dict)
     return head.to(dtype=dtype).eval()
+
+
+MAR_PRESET_BUILDERS = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
+
+
+def build_mar(name, device):
+    """MAR `name` ("tiny_mar", or a released preset with its released head and 100 DDPM steps) on
+    `device` in eval mode: random head weights, in bf16 on CUDA (the transformer stays fp32 and runs
+    under autocast); official initialisation elsewhere."""
+    device = torch.device(device)
+    with torch.device(device):
+        if name == "tiny_mar":
+            model = MAR(**TINY_MAR_CONFIG)
+        else:
+            spec = RELEASED_HEAD_OF[name]
+            model = MAR_PRESET_BUILDERS[name](diffloss_d=spec.depth, diffloss_w=spec.width,
+                                              num_sampling_steps=str(DDPM_STEPS))
+    randomize_(model.diffloss, seed=len(name))
+    if device.type == "cuda":
+        model.diffloss.to(torch.bfloat16)
+    return model.eval()
 
 
 def build_transformer_head(pair, device, dtype):

@@ -22,6 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+PROFILE_PREFIX = "profile-"  # benchmarks/profile_kernels.py's kernel profiles and traces share the results dir
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
 PROVIDER_RANK = {"reference_eager": 0, "torch_compile": 1, "marfast_fused_head": 2, "marfast_fused": 3,
@@ -71,12 +72,16 @@ def load_results(path):
 
 
 def collect_paths(inputs):
-    """Files as given, and the *.json files (sorted) of any directory."""
+    """Files as given, and the *.json files (sorted) of any directory; kernel profiles (profile-*) are
+    left out, with a note on stderr for those named explicitly."""
     paths = []
     for item in inputs:
         item = Path(item)
         if item.is_dir():
-            paths.extend(sorted(item.glob("*.json")))
+            paths.extend(path for path in sorted(item.glob("*.json")) if not path.name.startswith(PROFILE_PREFIX))
+        elif item.is_file() and item.name.startswith(PROFILE_PREFIX):
+            print(f"note: {item} is a kernel profile (benchmarks/profile_kernels.py), not a benchmark JSON: skipped",
+                  file=sys.stderr)
         elif item.is_file():
             paths.append(item)
         else:

@@ -31,21 +31,15 @@ import time
 import pytest
 import torch
 
-from marfast import MAR, mar_base, mar_huge, mar_large
-
 from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
-from .models import (DDPM_STEPS, RELEASED_CFG, TINY_MAR_CONFIG, fused_head_absence, randomize_,
-                     reference_ar_steps, resolve_fast_ar_steps, resolve_fast_sampler)
+from .models import (MAR_PRESET_BUILDERS, RELEASED_CFG, build_mar, fused_head_absence, reference_ar_steps,
+                     resolve_fast_ar_steps, resolve_fast_sampler)
 
 FUSED_HEAD = "marfast_fused_head"
 PROVIDERS = (REFERENCE, FUSED_HEAD, FUSED)
 ON_GPU = torch.cuda.is_available()
 
-GPU_MODELS = {
-    "mar_base": (mar_base, dict(diffloss_d=6, diffloss_w=1024)),
-    "mar_large": (mar_large, dict(diffloss_d=8, diffloss_w=1280)),
-    "mar_huge": (mar_huge, dict(diffloss_d=12, diffloss_w=1536)),
-}
+GPU_MODELS = tuple(MAR_PRESET_BUILDERS)
 GPU_BATCHES = (1, 16, 256)
 GPU_ITERS = (64, 256)
 QUICK = {("mar_base", 1, 64), ("mar_base", 256, 64)}
@@ -78,16 +72,7 @@ def _model(bench, name):
     bench.cache.pop("mar", None)
     if bench.on_gpu:
         torch.cuda.empty_cache()
-    with torch.device(bench.device):
-        if name == "tiny_mar":
-            model = MAR(**TINY_MAR_CONFIG)
-        else:
-            builder, head = GPU_MODELS[name]
-            model = builder(**head, num_sampling_steps=str(DDPM_STEPS))
-    randomize_(model.diffloss, seed=len(name))
-    if bench.on_gpu:
-        model.diffloss.to(torch.bfloat16)
-    model.eval()
+    model = build_mar(name, bench.device)
     bench.cache["mar"] = (name, model)
     return model
 

@@ -1,0 +1,122 @@
+"""benchmarks.profile_kernels on the CPU: the tiny head and MAR cases end to end through main(), the
+JSON they write, the refusal of GPU-only options, and the fused MAR path's wiring under the Triton
+interpreter (the path the GPU profile runs)."""
+import json
+
+import pytest
+import torch
+
+from benchmarks import profile_kernels
+from benchmarks.models import TINY_HEAD, build_head
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of profile_kernels")
+
+TOP_LEVEL_KEYS = ("device", "torch", "triton", "date", "case", "label", "params", "cuda_graphs", "profiled_calls",
+                  "wall_us_per_call", "wall_us_per_call_unprofiled", "device_time_us_per_call",
+                  "device_busy_us_per_call", "gap_us_per_call", "per_step", "kernels", "warnings")
+KERNEL_KEYS = ("name", "calls_per_call", "us_per_call", "avg_us", "share")
+
+
+def run_main(tmp_path, *options):
+    assert profile_kernels.main([*options, "--calls", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    written = sorted(tmp_path.glob("profile-cpu-*.json"))
+    assert len(written) == 1, written
+    return json.loads(written[0].read_text())
+
+
+def check_report(report, case, steps):
+    for key in TOP_LEVEL_KEYS:
+        assert key in report, key
+    assert report["device"] == "cpu" and report["case"] == case and report["profiled_calls"] == 1
+    assert report["torch"] == torch.__version__
+    assert report["cuda_graphs"]["used"] is False
+    assert report["wall_us_per_call"] > 0 and report["wall_us_per_call_unprofiled"]["median"] > 0
+    assert 0 < report["device_time_us_per_call"] <= report["wall_us_per_call"]
+    assert report["gap_us_per_call"] == pytest.approx(report["wall_us_per_call"] - report["device_busy_us_per_call"])
+    assert report["steps_per_call"] == steps
+    assert report["per_step"]["wall_us"] == pytest.approx(report["wall_us_per_call"] / steps)
+    kernels = report["kernels"]
+    assert kernels
+    for row in kernels:
+        for key in KERNEL_KEYS:
+            assert key in row, key
+        assert row["us_per_call"] >= 0 and row["calls_per_call"] > 0 and 0 <= row["share"] <= 1
+    assert sum(row["share"] for row in kernels) <= 1 + 1e-9
+    assert [row["us_per_call"] for row in kernels] == sorted((row["us_per_call"] for row in kernels), reverse=True)
+    assert report["unassigned_activities"] == 0 and report["warnings"] == []
+
+
+def test_head_case_writes_the_profile_and_the_weight_streaming_floor(tmp_path, capsys):
+    report = run_main(tmp_path, "--case", "head", "--head", "tiny", "--rows", "4", "--hbm-gbps", "1000")
+    check_report(report, "head", steps=100)
+    assert report["params"]["rows"] == 4 and report["params"]["head"] == "tiny2x64"
+    assert any(row["name"] == "aten::addmm" for row in report["kernels"])
+    floor = report["weight_streaming_floor"]
+    head = build_head(TINY_HEAD, "cpu", torch.float32, backend="torch")
+    assert floor["weight_bytes_per_step"] == 4 * sum(p.numel() for p in head.net.parameters())
+    assert floor["bytes_min_per_step"] > floor["weight_bytes_per_step"]
+    assert floor["hbm_gbps"] == 1000
+    assert floor["floor_us_per_step"] == pytest.approx(floor["bytes_min_per_step"] / 1e9 * 1e6 / 1000)
+    assert floor["wall_over_floor"] == pytest.approx(report["per_step"]["wall_us_unprofiled"]
+                                                     / floor["floor_us_per_step"])
+    out = capsys.readouterr().out
+    assert "top 15 operators" in out and "weight-streaming floor" in out and "aten::addmm" in out
+
+
+def test_mar_case_writes_the_profile_and_the_head_split(tmp_path):
+    report = run_main(tmp_path, "--case", "mar", "--head", "tiny", "--num-iter", "2", "--init-profiler-early")
+    check_report(report, "mar", steps=2)
+    assert report["cuda_graphs"]["profiler_session_before_capture"] is True
+    assert report["params"]["model"] == "tiny_mar" and report["params"]["num_iter"] == 2
+    split = report["head_time_split"]
+    assert split["measured"] and 0 < split["head_share"] < 1
+    assert report["weight_streaming_floor"]["floor_s_per_call"] > 0
+
+
+@pytest.mark.parametrize("options", [
+    ("--case", "head", "--provider", "fused"),
+    ("--case", "head", "--head", "6x1024", "--provider", "reference"),
+    ("--case", "mar", "--cuda-graphs"),
+])
+def test_gpu_only_options_are_refused_on_the_cpu(tmp_path, capsys, options):
+    with pytest.raises(SystemExit) as exit_info:
+        profile_kernels.main([*options, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "cannot be profiled on the CPU" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_impossible_ar_step_count_exits_with_2(tmp_path, capsys):
+    assert profile_kernels.main(["--case", "mar", "--head", "tiny", "--num-iter", "17", "--out", str(tmp_path)]) == 2
+    assert "--num-iter must be in 1..16" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_fused_mar_case_runs_under_the_interpreter(tmp_path, monkeypatch):
+    """The GPU-only fused MAR path, built and analysed as main() does on CUDA, under TRITON_INTERPRET=1
+    (main refuses it on the CPU; this checks the wiring the GPU profile relies on)."""
+    monkeypatch.setenv("MARFAST_CUDA_GRAPHS", "0")
+    args = profile_kernels.parse_args(["--case", "mar", "--head", "tiny", "--num-iter", "1", "--calls", "1",
+                                       "--warmup", "0", "--out", str(tmp_path)])
+    args.provider = "fused"
+    device = torch.device("cpu")
+    case = profile_kernels.build_mar_case(args, device)
+    assert case.params["call"] == "MAR.sample_tokens_fast, DiffLoss backend 'triton'"
+    unprofiled, profiled, events, extra = profile_kernels.run_profile(case, device, calls=1)
+    analysis = profile_kernels.analyse(events, 1, on_gpu=False)
+    report = profile_kernels.build_report(case, device, 1, unprofiled, profiled, analysis, extra)
+    assert report["head_time_split"]["measured"]
+    assert report["label"] == "mar-tiny_mar-b1-iters1-fused"
+    assert report["kernels"]
+
+
+def test_report_leaves_kernel_profiles_out(tmp_path, capsys):
+    from benchmarks import report
+
+    profile_json = tmp_path / "profile-cpu-head-tiny2x64-rows8-reference-20260101-000000.json"
+    profile_json.write_text(json.dumps({"kind": "marfast kernel profile"}))
+    results_json = tmp_path / "marfast-bench-cpu-20260101-000000.json"
+    results_json.write_text(json.dumps({"benchmarks": []}))
+    assert report.collect_paths([tmp_path]) == [results_json]
+    assert report.collect_paths([profile_json, results_json]) == [results_json]
+    assert "is a kernel profile" in capsys.readouterr().err
