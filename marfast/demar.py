@@ -37,9 +37,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import active_backend as active_attention_backend
 from .attention import run_attention
-from .diffloss import (TimestepEmbedder, as_cfg_scale, check_float_tensor, check_temperature, init_denoiser_linears,
-                       initial_state, masked_diffusion_loss, sample_with_fresh_noise)
-from .diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, parse_num_steps
+from .diffloss import (DiffusionHead, TimestepEmbedder, as_cfg_scale, check_float_tensor, check_temperature,
+                       init_denoiser_linears, initial_state, masked_diffusion_loss, sample_with_fresh_noise)
 
 NORM_EPS = 1e-6
 SCORE_FLOOR = 1e-3
@@ -174,7 +173,7 @@ class ContextBoundDenoiser(nn.Module):
         return out.reshape(x.shape[0], -1)
 
 
-class TransformerDiffLoss(nn.Module):
+class TransformerDiffLoss(DiffusionHead):
     """The De-MAR Transformer diffusion head.
 
     forward(target [G, P, C], z [G, P, Z], context [G, L, Z], mask [G, P] or None) -> scalar loss:
@@ -187,19 +186,10 @@ class TransformerDiffLoss(nn.Module):
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps, num_heads=None, mlp_ratio=4.0,
                  grad_checkpointing=False):
-        super().__init__()
+        super().__init__(target_channels, z_channels, num_sampling_steps)
         num_heads = num_heads or max(1, width // 64)
-        self.in_channels = target_channels
-        self.z_channels = z_channels
         self.net = TransformerDenoiser(target_channels, width, 2 * target_channels, z_channels, depth, num_heads,
                                        mlp_ratio, grad_checkpointing)
-        self.num_sampling_steps = parse_num_steps(num_sampling_steps)
-        self.train_diffusion = GaussianDiffusion(NUM_TRAIN_TIMESTEPS)
-        self.gen_diffusion = GaussianDiffusion(self.num_sampling_steps)
-
-    def extra_repr(self):
-        return (f"target_channels={self.in_channels}, z_channels={self.z_channels}, "
-                f"sampling_steps={self.num_sampling_steps}")
 
     @property
     def param_dtype(self):

@@ -237,7 +237,24 @@ def sample_with_fresh_noise(net, diffusion, z, x, temperature, cfg, generator=No
     return ddpm_sample_loop_reference(net, diffusion, z, x, temperature, cfg, draw_noise, clip_x0)
 
 
-class DiffLoss(nn.Module):
+class DiffusionHead(nn.Module):
+    """What every diffusion head shares: its sizes and its training (1000-step) and sampling
+    (respaced) diffusions. Holds no parameters, so the state dict is only the subclass's net."""
+
+    def __init__(self, target_channels, z_channels, num_sampling_steps):
+        super().__init__()
+        self.in_channels = target_channels
+        self.z_channels = z_channels
+        self.num_sampling_steps = parse_num_steps(num_sampling_steps)
+        self.train_diffusion = GaussianDiffusion(NUM_TRAIN_TIMESTEPS)
+        self.gen_diffusion = GaussianDiffusion(self.num_sampling_steps)
+
+    def extra_repr(self):
+        return (f"target_channels={self.in_channels}, z_channels={self.z_channels}, "
+                f"sampling_steps={self.num_sampling_steps}")
+
+
+class DiffLoss(DiffusionHead):
     """Diffusion Loss head, drop-in for the official class (same constructor and state dict).
 
     forward(target [N, C], z [N, Z], mask [N] or None) -> scalar loss.
@@ -247,12 +264,10 @@ class DiffLoss(nn.Module):
 
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps, grad_checkpointing=False,
                  backend="auto"):
-        super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        super().__init__(target_channels, z_channels, num_sampling_steps)
         self.backend = backend
-        self.in_channels = target_channels
-        self.z_channels = z_channels
         self.net = SimpleMLPAdaLN(
             in_channels=target_channels,
             model_channels=width,
@@ -261,13 +276,9 @@ class DiffLoss(nn.Module):
             num_res_blocks=depth,
             grad_checkpointing=grad_checkpointing,
         )
-        self.num_sampling_steps = parse_num_steps(num_sampling_steps)
-        self.train_diffusion = GaussianDiffusion(NUM_TRAIN_TIMESTEPS)
-        self.gen_diffusion = GaussianDiffusion(self.num_sampling_steps)
 
     def extra_repr(self):
-        return (f"target_channels={self.in_channels}, z_channels={self.z_channels}, "
-                f"sampling_steps={self.num_sampling_steps}, backend={self.backend!r}")
+        return f"{super().extra_repr()}, backend={self.backend!r}"
 
     def backend_for(self, device):
         """The path that runs for tensors on `device`: "triton" or "torch".
