@@ -235,6 +235,8 @@ def build_model(config):
         if name not in RUNTIME_MODEL_KWARGS + ("grad_checkpointing",):
             raise ValueError(f"model_kwargs[{name!r}] cannot change a saved model (allowed: {RUNTIME_MODEL_KWARGS})")
         setattr(model, name, kwargs[name])
+        if name in model.config:
+            model.config[name] = kwargs[name]  # what this run trains with is what its checkpoints record
     model.diffloss.net.grad_checkpointing = config.grad_checkpointing
     return model.train()
 

@@ -82,6 +82,7 @@ def test_short_digits_run_lowers_the_loss(tmp_path, digits_init):
     assert len(history) == 60 and np.mean(history[-10:]) < 0.8 * np.mean(history[:10])
     loaded = MAR.load(tmp_path / "checkpoint-last.pth")  # the official layout loads as a checkpoint
     ema = MAR.load(tmp_path / "ema")
+    assert MAR.load(digits_init).diffusion_batch_mul == 4 and ema.diffusion_batch_mul == 2  # the run's setting
     assert all(torch.equal(loaded.state_dict()[k], ema.state_dict()[k]) for k in ema.state_dict())
 
 
