@@ -186,7 +186,8 @@ def stand_in_flash_attn_func(calls, returns_lse):
         assert (dropout_p is None) == returns_lse  # FA4 takes no dropout argument
         for t in (q, k, v):
             assert t.dim() == 4 and t.stride(-1) == 1 and t.dtype in (torch.float16, torch.bfloat16)
-        calls.append(dict(shape=tuple(q.shape), dropout_p=dropout_p))
+        assert k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]
+        calls.append(dict(shape=tuple(q.shape), keys=k.shape[1], dropout_p=dropout_p))
         out = attn.math_attention(q.float(), k.float(), v.float()).to(q.dtype)
         lse = torch.zeros(q.shape[0], q.shape[2], q.shape[1])
         return (out, lse) if returns_lse else out
@@ -217,7 +218,28 @@ def test_flash_attn_stand_ins_receive_bshd_and_match_reference(env, fake_gpu, mo
     q, k, v = random_qkv((2, 11, 3, 16), torch.bfloat16, seed=4)
     assert attn.active_backend("cpu", torch.bfloat16, head_dim=16) == backend
     assert_close(attn.attention(q, k, v), reference_attention(q, k, v), torch.bfloat16)
-    assert calls == [dict(shape=(2, 11, 3, 16), dropout_p=0.0 if backend == "fa2" else None)]
+    assert calls == [dict(shape=(2, 11, 3, 16), keys=11, dropout_p=0.0 if backend == "fa2" else None)]
+
+
+@pytest.mark.parametrize("backend", ["fa2", "fa4"])
+def test_flash_attn_stand_ins_serve_the_de_mar_heads_cross_attention(env, fake_gpu, monkeypatch, backend):
+    """The Transformer diffusion head's queries (P per image) attend over L != P keys."""
+    from marfast.demar import ContextCrossAttention
+
+    calls = []
+    (install_fa2_stand_in if backend == "fa2" else install_fa4_stand_in)(monkeypatch, calls)
+    fake_gpu((9, 0))
+    torch.manual_seed(0)
+    module = ContextCrossAttention(32, 24, 2).to(torch.bfloat16)
+    x = torch.randn(3, 4, 32, dtype=torch.bfloat16)
+    k, v = module.keys_values(torch.randn(3, 9, 24, dtype=torch.bfloat16))
+    out = module(x, k, v)
+    assert module.last_backend == backend
+    assert calls == [dict(shape=(3, 4, 2, 16), keys=9, dropout_p=0.0 if backend == "fa2" else None)]
+    env("math")
+    expected = module(x, k, v)
+    assert module.last_backend == "math"
+    assert (out.float() - expected.float()).abs().max() <= 2e-2 * max(1.0, expected.float().abs().max().item())
 
 
 def test_auto_order_and_fa4_limits(env, fake_gpu, monkeypatch):
