@@ -267,6 +267,15 @@ class DenoisingHead(nn.Module):
             nn.init.zeros_(layer.bias)
         nn.init.zeros_(self.refine_fc2.weight)  # starts as the identity: y = x'
 
+    def check_rows(self, noisy, z, clean=None):
+        check_float_tensor("noisy tokens", noisy, 2, self.refine_fc2.out_features)
+        check_float_tensor("z", z, 2, self.refine_fc1.in_features - self.refine_fc2.out_features)
+        if clean is not None:
+            check_float_tensor("clean tokens", clean, 2, noisy.shape[1])
+        if any(t.shape[0] != noisy.shape[0] for t in (z, noisy if clean is None else clean)):
+            raise ValueError(f"noisy tokens, z (and clean tokens) must have the same rows, got {noisy.shape[0]} "
+                             f"and {z.shape[0]}" + ("" if clean is None else f" and {clean.shape[0]}"))
+
     def refine(self, noisy, z):
         return self.refine_fc2(F.silu(self.refine_fc1(torch.cat([noisy, z], dim=-1)))) + noisy
 
@@ -274,6 +283,7 @@ class DenoisingHead(nn.Module):
         return self.assess_fc2(F.silu(self.assess_fc1(torch.cat([noisy, refined, z], dim=-1))))
 
     def forward(self, noisy, z):
+        self.check_rows(noisy, z)
         refined = self.refine(noisy, z)
         scores = self.assess(noisy, refined, z).clamp_min(SCORE_FLOOR)
         weights = scores / scores.sum(dim=-1, keepdim=True)
@@ -282,6 +292,7 @@ class DenoisingHead(nn.Module):
     def losses(self, noisy, z, clean):
         """Refinement loss (mean Euclidean distance of y to the clean token, eq. 3) and assessment
         loss (mean absolute error of both scores, eq. 6); both 0 for zero rows."""
+        self.check_rows(noisy, z, clean)
         rows = max(noisy.shape[0], 1)
         refined = self.refine(noisy, z)
         refine_loss = (refined - clean).norm(dim=-1).sum() / rows

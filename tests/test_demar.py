@@ -261,6 +261,21 @@ def test_denoising_head_computes_the_papers_equations():
     torch.testing.assert_close(assess_loss, expected_assess, rtol=1e-12, atol=1e-12)
 
 
+def test_denoising_head_bad_inputs_raise():
+    head = DenoisingHead(3, 5, 7)
+    noisy, z = torch.randn(4, 3), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="noisy tokens must have 3 channels"):
+        head(torch.randn(4, 2), z)
+    with pytest.raises(ValueError, match="z must have 5 channels"):
+        head(noisy, torch.randn(4, 6))
+    with pytest.raises(ValueError, match="same rows"):
+        head(noisy, z[:3])
+    with pytest.raises(ValueError, match="same rows"):
+        head.losses(noisy, z, noisy[:2])
+    with pytest.raises(TypeError, match="floating-point"):
+        head(noisy.long(), z)
+
+
 def test_denoising_head_gradients_and_detached_assessment():
     head = randomise(DenoisingHead(3, 5, 7).double(), seed=14)
     gen = torch.Generator().manual_seed(15)
