@@ -383,6 +383,12 @@ class BenchSession:
     def on_gpu(self):
         return self.device.type == "cuda"
 
+    def cached(self, key, make):
+        """self.cache[key], made by make() on first use (models, compiled nets, inputs of a run)."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
     @property
     def roofline(self):
         if self._roofline is None:

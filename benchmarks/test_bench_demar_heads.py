@@ -87,39 +87,30 @@ def _sample_case_key(pair, batch, per_image):
 
 
 def _mlp_head(bench, pair):
-    key = ("demar_mlp_head", pair)
-    if key not in bench.cache:
-        bench.cache[key] = build_head(pair.mlp, bench.device, _weight_dtype(bench), backend="torch")
-    return bench.cache[key]
+    return bench.cached(("demar_mlp_head", pair),
+                        lambda: build_head(pair.mlp, bench.device, _weight_dtype(bench), backend="torch"))
 
 
 def _fused_mlp_head(bench, pair):
     """(head, None) with the fused backend and the reference MLP head's weights, or (None, skip reason)."""
-    key = ("demar_fused_mlp_head", pair)
-    if key not in bench.cache:
-        bench.cache[key] = fused_copy_or_reason(_mlp_head(bench, pair), pair.mlp, pair.z_channels, bench.device, CFG)
-    return bench.cache[key]
+    return bench.cached(("demar_fused_mlp_head", pair),
+                        lambda: fused_copy_or_reason(_mlp_head(bench, pair), pair.mlp, pair.z_channels, bench.device,
+                                                     CFG))
 
 
 def _transformer_head(bench, pair):
-    key = ("demar_transformer_head", pair)
-    if key not in bench.cache:
-        bench.cache[key] = build_transformer_head(pair, bench.device, _weight_dtype(bench))
-    return bench.cache[key]
+    return bench.cached(("demar_transformer_head", pair),
+                        lambda: build_transformer_head(pair, bench.device, _weight_dtype(bench)))
 
 
 def _compiled_transformer_net(bench, pair):
-    key = ("demar_compiled_transformer_net", pair)
-    if key not in bench.cache:
-        bench.cache[key] = torch.compile(_transformer_head(bench, pair).net, dynamic=True)
-    return bench.cache[key]
+    return bench.cached(("demar_compiled_transformer_net", pair),
+                        lambda: torch.compile(_transformer_head(bench, pair).net, dynamic=True))
 
 
 def _denoising_head(bench, pair):
-    key = ("demar_denoising_head", pair)
-    if key not in bench.cache:
-        bench.cache[key] = build_denoising_head(pair, bench.device, _weight_dtype(bench))
-    return bench.cache[key]
+    return bench.cached(("demar_denoising_head", pair),
+                        lambda: build_denoising_head(pair, bench.device, _weight_dtype(bench)))
 
 
 def _sample_with_net(head, net, z, context, cfg):

@@ -51,18 +51,13 @@ def _reference_head(bench, spec):
 
 
 def _compiled_net(bench, spec):
-    key = ("compiled_net", spec)
-    if key not in bench.cache:
-        bench.cache[key] = torch.compile(_reference_head(bench, spec).net, dynamic=True)
-    return bench.cache[key]
+    return bench.cached(("compiled_net", spec), lambda: torch.compile(_reference_head(bench, spec).net, dynamic=True))
 
 
 def _fused_head(bench, spec):
     """(head, None) with the fused backend, or (None, skip reason)."""
-    key = ("fused_head", spec)
-    if key not in bench.cache:
-        bench.cache[key] = fused_copy_or_reason(_reference_head(bench, spec), spec, spec.z_channels, bench.device, CFG)
-    return bench.cache[key]
+    return bench.cached(("fused_head", spec), lambda: fused_copy_or_reason(_reference_head(bench, spec), spec,
+                                                                           spec.z_channels, bench.device, CFG))
 
 
 def _sample_with_net(head, net, z, cfg):
