@@ -139,6 +139,12 @@ class MAR(nn.Module):
     forward(latents [B, vae_embed_dim, H, W], labels long [B]) -> scalar training loss.
     sample_tokens(bsz, ...) -> latents [B, vae_embed_dim, H, W] (official signature).
     sample(labels, ...) -> latents, or images when a tokenizer with `decode` is attached.
+
+    De-MAR options (marfast.demar; off by default, leaving the official model unchanged):
+    head="transformer" (diffloss_d blocks of width diffloss_w, head_num_heads attention heads,
+    head_mlp_ratio), denoising_head=True (refinement/assessment MLPs of width denoising_width,
+    default the decoder width) and input_noise_max_t (training-time noise levels on the unmasked
+    inputs: 0..N-1 of 1000; default 100 with the denoising head, else 0).
     """
 
     def __init__(self, img_size=256, vae_stride=16, patch_size=1,
