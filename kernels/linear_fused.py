@@ -273,6 +273,19 @@ TUNE_REPEATS = 10
 TUNE_QUEUE_CYCLES = 5_000_000
 
 
+def time_launches(run, repeats=TUNE_REPEATS):
+    """Milliseconds of `repeats` back-to-back calls of run() on the current CUDA stream (events; the
+    GPU is kept busy while the launches queue up, so kernels are timed, not Python)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(TUNE_QUEUE_CYCLES)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def _tuned_config(key, candidates, launch):
     """The fastest fitting candidate for `key` (timed once with CUDA events), or the only candidate.
 
@@ -294,14 +307,7 @@ def _tuned_config(key, candidates, launch):
             launch(config)
         except triton.runtime.errors.OutOfResources:
             continue
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(TUNE_QUEUE_CYCLES)  # keep the GPU busy while the launches queue up: time kernels, not Python
-        start.record()
-        for _ in range(TUNE_REPEATS):
-            launch(config)
-        end.record()
-        end.synchronize()
-        timings[config] = start.elapsed_time(end)
+        timings[config] = time_launches(lambda: launch(config))
     if not timings:
         raise RuntimeError(f"linear_fused: no block configuration fits the device for {key}")
     _TUNED[key] = min(timings, key=timings.get)

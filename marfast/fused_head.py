@@ -8,8 +8,11 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    group statistics, and as a side output SiLU(time_embed(t) + cond_embed(z)) in the weight dtype
    (the time embeddings of all sampler steps are computed once and cached; cond_embed(z) once per
    call, by the Triton `linear` launcher);
-2. one GEMM for the adaLN modulations of all D blocks and the final layer (cuBLAS `torch.addmm`:
-   [R, W] x [W, (3D + 2) W], a plain GEMM with bias and no fusion to gain, where cuBLAS is at peak);
+2. one GEMM for the adaLN modulations of all D blocks and the final layer ([R, W] x [W, (3D + 2) W],
+   a plain GEMM with bias and no fusion to gain; `modulation_gemm`): cuBLAS `torch.addmm` or the
+   Triton `linear` launcher, whichever is faster for the row count (timed once on CUDA; at a few
+   rows this GEMM reads most of the step's weight bytes, and how well each library streams a
+   skinny [R <= 64] GEMM across the SMs is measured rather than assumed);
 3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +
    SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
    writes the next LayerNorm's group statistics);
@@ -40,7 +43,7 @@ from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
 from .kernels.linear_fused import (WEIGHT_DTYPES, input_projection, interpreting, linear, linear_gated_residual,
-                                   linear_ln_modulate_silu, stats_shape)
+                                   linear_ln_modulate_silu, stats_shape, time_launches)
 
 MAX_GRAPHS_PER_HEAD = 8
 MIN_BUCKET_ROWS = 16
@@ -69,9 +72,10 @@ class _Block:
 class PackedHead:
     """The net's weights arranged for the fused loop (built once per weight version).
 
-    ada_weight_t [W, (3D + 2) W] is the transposed concatenation of the adaLN linears of all
-    blocks (shift, scale, gate each) and of the final layer (shift, scale); biases used by Triton
-    epilogues are fp32 copies; GEMM weights are the parameters themselves (no copy).
+    ada_weight [(3D + 2) W, W] is the concatenation of the adaLN linears of all blocks (shift,
+    scale, gate each) and of the final layer (shift, scale); biases used by Triton epilogues are
+    fp32 copies; GEMM weights are the parameters themselves (no copy). modulation_provider:
+    "auto", "cublas" or "triton" (see `modulation_gemm`).
     """
 
     def __init__(self, net, signature):
@@ -92,8 +96,9 @@ class PackedHead:
         self.cond_weight = net.cond_embed.weight.detach()
         self.cond_bias = net.cond_embed.bias.detach().float()
         adaln = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
-        self.ada_weight_t = torch.cat([m.weight.detach() for m in adaln]).t()
+        self.ada_weight = torch.cat([m.weight.detach() for m in adaln])
         self.ada_bias = torch.cat([m.bias.detach() for m in adaln])
+        self.modulation_provider = "auto"
         self.blocks = [_Block(block) for block in net.res_blocks]
         final = net.final_layer
         if getattr(final.norm_final, "weight", None) is not None:
@@ -186,6 +191,41 @@ class _Workspace:
             self.scalars[i].fill_(value)
 
 
+MODULATION_PROVIDERS = ("auto", "cublas", "triton")
+_MODULATION_CHOICE = {}
+
+
+def modulation_gemm(pack, silu_cond, out):
+    """out [R, (3D + 2) W] = silu_cond [R, W] @ ada_weight^T + ada_bias, in the weight dtype.
+
+    pack.modulation_provider "cublas" (torch.addmm) or "triton" (the `linear` launcher) forces one;
+    "auto" takes cuBLAS off CUDA and, on CUDA, the faster of the two for this shape, timed once
+    (never during CUDA graph capture: the loop's eager first run, before its capture, decides).
+    """
+    runs = {"cublas": lambda: torch.addmm(pack.ada_bias, silu_cond, pack.ada_weight.t(), out=out),
+            "triton": lambda: linear(silu_cond, pack.ada_weight, pack.ada_bias, out)}
+    provider = pack.modulation_provider
+    if provider not in MODULATION_PROVIDERS:
+        raise ValueError(f"modulation_provider must be one of {MODULATION_PROVIDERS}, got {provider!r}")
+    if provider == "auto":
+        provider = "cublas" if pack.device.type != "cuda" else _fastest_modulation(pack, silu_cond, out, runs)
+    return runs[provider]()
+
+
+def _fastest_modulation(pack, silu_cond, out, runs):
+    key = (tuple(silu_cond.shape), tuple(pack.ada_weight.shape), pack.dtype, str(pack.device),
+           torch.get_float32_matmul_precision())
+    if key not in _MODULATION_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"modulation GEMM for {key} was not timed before CUDA graph capture; "
+                               "run the same loop once eagerly first")
+        for run in runs.values():
+            run()  # compile and tune the Triton kernel, warm cuBLAS
+        timings = {name: time_launches(run) for name, run in runs.items()}
+        _MODULATION_CHOICE[key] = min(timings, key=timings.get)
+    return _MODULATION_CHOICE[key]
+
+
 def _launch_loop(pack, ws, diffusion, clip):
     """Launch the whole sampling loop on ws's buffers; returns the state buffer holding x_0."""
     width, depth = pack.width, pack.depth
@@ -198,7 +238,7 @@ def _launch_loop(pack, ws, diffusion, clip):
         state, next_state = ws.states[current], ws.states[1 - current]
         input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats,
                          time_embeddings[step], ws.cond, ws.silu_cond)
-        torch.addmm(pack.ada_bias, ws.silu_cond, pack.ada_weight_t, out=mod)
+        modulation_gemm(pack, ws.silu_cond, mod)
         res = 0
         for i, block in enumerate(pack.blocks):
             base = 3 * width * i

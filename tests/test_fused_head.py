@@ -243,6 +243,23 @@ def test_fused_loop_matches_reference(width, depth, state_rows, cfg, temperature
         assert torch.equal(fused[state_rows:], fused[:state_rows])
 
 
+@pytest.mark.parametrize("provider", ["triton", "cublas"])
+def test_fused_loop_matches_reference_with_either_modulation_gemm(provider):
+    """The adaLN modulation GEMM through the Triton `linear` launcher or torch.addmm ("auto" picks
+    by measured time on CUDA and torch.addmm elsewhere)."""
+    net = make_net(40, 2, seed=11)
+    packed_head(net).modulation_provider = provider
+    try:
+        fused, reference = run_both(net, 3, 7, 2.0, 1.0, None)
+    finally:
+        release_fused_cache(net)
+    assert relative_error(fused[:7], reference[:7]) < 1e-5
+    packed_head(net).modulation_provider = "fastest"
+    with pytest.raises(ValueError, match="modulation_provider must be one of"):
+        run_both(net, 3, 7, 2.0, 1.0, None)
+    release_fused_cache(net)
+
+
 def test_fused_loop_handles_zero_rows_and_rejects_bad_input():
     net = make_net(40, 2)
     diffusion = GaussianDiffusion(3)
@@ -376,6 +393,37 @@ def test_gpu_graph_replay_equals_eager_launch(dtype, state_rows):
     assert torch.equal(replayed, sample(3.5, 0.5))  # fresh eager run + capture with these values
     unbucketed = sample(3.5, 0.5, use_cuda_graph=False)  # exact row count: other tiles, same function
     assert relative_error(unbucketed, replayed.double().cpu()) <= GPU_TOLERANCE[dtype]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("state_rows", [4, 300])
+def test_gpu_modulation_gemm_providers_agree_and_auto_is_timed_before_capture(state_rows):
+    """cuBLAS and the Triton launcher give the same modulations within bf16 rounding at the
+    released 6x1024 size, and the auto choice made in the eager run holds in the captured graph."""
+    from marfast.fused_head import _MODULATION_CHOICE, modulation_gemm
+
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=2, dtype=torch.bfloat16, device="cuda")
+    pack = packed_head(net)
+    silu = torch.randn(2 * state_rows, width, device="cuda", dtype=torch.bfloat16)
+    outs = {}
+    for provider in ("cublas", "triton"):
+        pack.modulation_provider = provider
+        outs[provider] = modulation_gemm(pack, silu, torch.empty(2 * state_rows, pack.ada_weight.shape[0],
+                                                                 device="cuda", dtype=torch.bfloat16))
+    expected = silu.double() @ pack.ada_weight.double().t() + pack.ada_bias.double()
+    for provider, out in outs.items():
+        assert relative_error(out, expected.cpu()) <= 1e-2, provider
+    pack.modulation_provider = "auto"
+    release_fused_cache(net)
+    diffusion = GaussianDiffusion(5)
+    z = torch.randn(2 * state_rows, z_channels, device="cuda")
+    x = torch.randn(state_rows, 16, device="cuda").repeat(2, 1)
+    noise = torch.randn(5, state_rows, 16, device="cuda")
+    first = ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.0, noise, GPU_CLIP)
+    assert any(key[0][0] == bucket_rows(state_rows) * 2 for key in _MODULATION_CHOICE)
+    assert torch.equal(ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.0, noise, GPU_CLIP), first)
 
 
 @gpu
