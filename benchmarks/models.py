@@ -1,6 +1,5 @@
-"""Benchmark subjects: the released head sizes, MAR presets, tiny CPU stand-ins, and the probes that
-tell whether a fast path (fused head, fast MAR loop) is really present."""
-import importlib
+"""Benchmark subjects: the released head sizes, MAR presets, tiny CPU stand-ins, the probe that
+tells whether the fused head path is really present, and the AR-step runners of both loops."""
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -10,7 +9,8 @@ import torch
 import marfast.diffloss as diffloss_module
 from marfast import MAR, DiffLoss, mar_base, mar_huge, mar_large
 from marfast.demar import DenoisingHead, TransformerDiffLoss
-from marfast.mar import DEMAR_HEADS, mask_by_order, next_mask_len
+from marfast.mar import DEMAR_HEADS, mask_by_order, sampling_class_embeddings
+from marfast.sampler import cuda_graphs_requested, plan_steps, run_ar_loop, step_graphs_for
 
 TOKEN_CHANNELS = 16
 DDPM_STEPS = 100
@@ -189,39 +189,6 @@ def fused_copy_or_reason(reference, spec, z_channels, device, cfg):
     return (None, reason) if reason else (head, None)
 
 
-def resolve_fast_sampler(model):
-    """(callable(**sample_tokens kwargs), description) of the fast MAR sampling loop, or (None, reason).
-
-    Looks for `MAR.sample_tokens_fast` and then `marfast.sampler.sample_tokens_fast(model, ...)`;
-    both take the official `sample_tokens` keywords (bsz, num_iter, cfg, cfg_schedule, labels,
-    temperature).
-    """
-    method = getattr(type(model), "sample_tokens_fast", None)
-    if callable(method):
-        return (lambda **kwargs: method(model, **kwargs)), "MAR.sample_tokens_fast"
-    try:
-        sampler = importlib.import_module("marfast.sampler")
-    except ModuleNotFoundError as error:
-        if error.name != "marfast.sampler":
-            raise
-        return None, "no fast MAR sampling loop yet (neither MAR.sample_tokens_fast nor marfast.sampler exists)"
-    function = getattr(sampler, "sample_tokens_fast", None)
-    if callable(function):
-        return (lambda **kwargs: function(model, **kwargs)), "marfast.sampler.sample_tokens_fast"
-    public = sorted(name for name in vars(sampler) if not name.startswith("_"))
-    return None, ("marfast.sampler exists but has no sample_tokens_fast(model, ...); "
-                  f"public names: {', '.join(public)}")
-
-
-def masked_before_steps(seq_len, num_iter):
-    """Masked token count when each AR step of the reference schedule starts: list [num_iter]."""
-    counts, masked_now = [], seq_len
-    for step in range(num_iter):
-        counts.append(masked_now)
-        masked_now = next_mask_len(seq_len, step, num_iter, masked_now)
-    return counts
-
-
 @torch.no_grad()
 def reference_ar_steps(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
     """Run only the AR steps `steps` of `model.sample_tokens(bsz, num_iter, ...)`, each with the shapes
@@ -229,48 +196,28 @@ def reference_ar_steps(model, bsz, num_iter, cfg, cfg_schedule, labels, temperat
     the reference loop (the mask of a step is rebuilt from the orders, one extra scatter per step;
     token values are zeros, which does not change the cost). Returns tokens [bsz, L, Ct].
     """
-    seq_len = model.seq_len
-    masked_before = masked_before_steps(seq_len, num_iter)
+    plans = plan_steps(model, num_iter, cfg, cfg_schedule)
     orders = model.sample_orders(bsz)
-    tokens = torch.zeros(bsz, seq_len, model.token_embed_dim, device=model.device)
+    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
     for step in steps:
-        mask = mask_by_order(masked_before[step], orders).float()
-        tokens, _, _ = model.reference_step(tokens, mask, masked_before[step], orders, step, num_iter, cfg,
-                                            cfg_schedule, labels, temperature)
+        masked_before = plans[step].masked_before
+        mask = mask_by_order(masked_before, orders).float()
+        tokens, _, _ = model.reference_step(tokens, mask, masked_before, orders, step, num_iter, cfg, cfg_schedule,
+                                            labels, temperature)
     return tokens
 
 
-def resolve_fast_ar_steps(model):
-    """(callable(bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps), None) running only the
-    AR steps `steps` of the fast loop (marfast.sampler's plan_steps + run_ar_loop over those steps'
-    plans), or (None, reason)."""
-    try:
-        sampler = importlib.import_module("marfast.sampler")
-    except ModuleNotFoundError as error:
-        if error.name != "marfast.sampler":
-            raise
-        return None, "no marfast.sampler module"
-    missing = [name for name in ("plan_steps", "run_ar_loop") if not callable(getattr(sampler, name, None))]
-    if missing:
-        return None, f"marfast.sampler has no {', '.join(missing)} (needed to time a subset of AR steps)"
-    graphs_requested = getattr(sampler, "cuda_graphs_requested", lambda: False)
-
-    @torch.no_grad()
-    def run(bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
-        plans = sampler.plan_steps(model, num_iter, cfg, cfg_schedule)
-        tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
-        orders = model.sample_orders(bsz)
-        class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
-        if cfg != 1.0:
-            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
-        extra = {}
-        if graphs_requested():
-            extra["graphs"] = sampler.step_graphs_for(model, bsz, cfg != 1.0)
-        sampler.run_ar_loop(model, tokens, orders, class_embedding, [plans[step] for step in steps], temperature,
-                            **extra)
-        return tokens
-
-    return run, None
+@torch.no_grad()
+def fast_ar_steps(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, steps):
+    """Run only the AR steps `steps` of `model.sample_tokens_fast(bsz, num_iter, ...)` (the fast
+    loop's plans of those steps; its CUDA graphs when MARFAST_CUDA_GRAPHS=1). Returns tokens [bsz, L, Ct]."""
+    plans = plan_steps(model, num_iter, cfg, cfg_schedule)
+    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
+    class_embedding = sampling_class_embeddings(model, bsz, labels, cfg != 1.0)
+    graphs = step_graphs_for(model, bsz, cfg != 1.0) if cuda_graphs_requested() else None
+    run_ar_loop(model, tokens, model.sample_orders(bsz), class_embedding, [plans[step] for step in steps],
+                temperature, graphs=graphs)
+    return tokens
 
 
 def require_finite_tokens(rows, channels):

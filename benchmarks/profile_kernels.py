@@ -53,7 +53,7 @@ from marfast.sampler import CUDA_GRAPHS_ENV_VAR, cuda_graphs_requested
 from .harness import head_sampling_work, mar_sampling_bytes, measure_roofline
 from .machine import device_label, nvml_state, software_info
 from .models import (RELEASED_CFG, RELEASED_HEAD_OF, RELEASED_HEADS, TINY_HEAD, build_head, build_mar,
-                     fused_head_absence, resolve_fast_sampler)
+                     fused_head_absence)
 from .test_bench_head_sampling import CFG as HEAD_CFG
 from .test_bench_mar_sampling import HeadTimer
 
@@ -165,18 +165,16 @@ def build_mar_case(args, device):
             reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, device, torch.float32, cfg)
         if reason:
             raise CaseUnavailable(reason)
-        fast, description = resolve_fast_sampler(model)
-        if fast is None:
-            raise CaseUnavailable(description)
+        description = "MAR.sample_tokens_fast"
     else:
         model.diffloss.backend = "torch"
-        fast, description = None, "MAR.sample_tokens (reference loop)"
+        description = "MAR.sample_tokens (reference loop)"
 
     def sample():
         kwargs = dict(bsz=args.batch, num_iter=num_iter, cfg=cfg, cfg_schedule="linear", labels=labels,
                       temperature=1.0)
         with autocast, torch.no_grad():
-            return fast(**kwargs) if fused else model.sample_tokens(**kwargs)
+            return model.sample_tokens_fast(**kwargs) if fused else model.sample_tokens(**kwargs)
 
     timer = HeadTimer(model, device)
     step_graphs = fused and on_gpu and cuda_graphs_requested()

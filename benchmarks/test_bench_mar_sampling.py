@@ -32,8 +32,8 @@ import pytest
 import torch
 
 from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
-from .models import (MAR_PRESET_BUILDERS, RELEASED_CFG, build_mar, fused_head_absence, reference_ar_steps,
-                     resolve_fast_ar_steps, resolve_fast_sampler)
+from .models import (MAR_PRESET_BUILDERS, RELEASED_CFG, build_mar, fast_ar_steps, fused_head_absence,
+                     reference_ar_steps)
 
 FUSED_HEAD = "marfast_fused_head"
 PROVIDERS = (REFERENCE, FUSED_HEAD, FUSED)
@@ -170,7 +170,6 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         stride = choose_stride(expected_ref, num_iter, bench.options["mar_full_max_s"]) if bench.on_gpu else 1
     steps = list(range(stride // 2, num_iter, stride)) if stride > 1 else None
 
-    fast = fast_steps = None
     if provider == REFERENCE:
         backend, detail = "torch", "reference loop (MAR.sample_tokens), reference head"
     elif provider == FUSED_HEAD:
@@ -184,28 +183,23 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         detail = "reference loop (MAR.sample_tokens), DiffLoss backend 'triton'"
     else:
         backend = "auto"
-        fast, description = resolve_fast_sampler(model)
-        if fast is None:
-            pytest.skip(description)
-        detail = f"fast loop ({description}), DiffLoss backend 'auto'"
+        detail = "fast loop (MAR.sample_tokens_fast), DiffLoss backend 'auto'"
         if steps is not None:
-            fast_steps, reason = resolve_fast_ar_steps(model)
-            if fast_steps is None:
-                pytest.skip(f"stride {stride} needs AR-step timing of the fast loop: {reason}")
             detail += "; timed steps run through marfast.sampler.plan_steps + run_ar_loop"
     model.diffloss.backend = backend
 
     def sample_call(bsz=batch, iters=num_iter):
         with autocast:
             if provider == FUSED:
-                return fast(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz], temperature=1.0)
+                return model.sample_tokens_fast(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear",
+                                                labels=labels[:bsz], temperature=1.0)
             return model.sample_tokens(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz],
                                        temperature=1.0)
 
     def steps_call(step_list=steps):
         with autocast:
             if provider == FUSED:
-                return fast_steps(batch, num_iter, cfg, "linear", labels, 1.0, step_list)
+                return fast_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, step_list)
             return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, step_list)
 
     def reference_call():

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
-from .mar import CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, set_token_geometry
+from .mar import (CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, sampling_class_embeddings,
+                  set_token_geometry)
 
 ORDERS = ("raster", "random")
 
@@ -281,11 +282,8 @@ class CausalAR(nn.Module):
             self.check_labels(labels, bsz)
             labels = labels.to(self.device)
         orders = self.sample_orders(bsz, generator)
-        class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
-        rows_orders = orders
-        if cfg != 1.0:
-            class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
-            rows_orders = torch.cat([orders, orders])
+        class_embedding = sampling_class_embeddings(self, bsz, labels, cfg != 1.0)
+        rows_orders = torch.cat([orders, orders]) if cfg != 1.0 else orders
         rows = class_embedding.shape[0]
         token_dtype = torch.promote_types(self.z_proj.weight.dtype, torch.float32)
         tokens = torch.zeros(rows, self.seq_len, self.token_embed_dim, device=self.device, dtype=token_dtype)

@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .mar import MAR, Block, mask_by_order, next_mask_len
+from .mar import MAR, Block, mask_by_order, next_mask_len, sampling_class_embeddings
 
 MASK_TOKEN_ID = 0
 MODES = ("documented", "maskgit")
@@ -483,10 +483,9 @@ class CrossEntropyMAR(MAR):
         masked_now = self.seq_len
         steps = range(num_iter)
         for step in tqdm(steps, desc="MAR steps", leave=False) if progress else steps:
-            class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+            class_embedding = sampling_class_embeddings(self, bsz, labels, cfg != 1.0)
             if cfg != 1.0:
-                logits = self.code_logits(torch.cat([codes, codes]), torch.cat([mask, mask]),
-                                         torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)]))
+                logits = self.code_logits(torch.cat([codes, codes]), torch.cat([mask, mask]), class_embedding)
             else:
                 logits = self.code_logits(codes, mask, class_embedding)
             mask_len = next_mask_len(self.seq_len, step, num_iter, masked_now)

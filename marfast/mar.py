@@ -127,6 +127,14 @@ def next_mask_len(seq_len, step, num_iter, masked_now):
     return int(max(1, min(masked_now - 1, math.floor(seq_len * mask_ratio))))
 
 
+def sampling_class_embeddings(model, bsz, labels, use_cfg):
+    """Sampling conditions [B', D] of a model with `class_emb` and `fake_latent`: the class
+    embeddings of labels long [bsz] (the fake latent when labels is None), followed with CFG by bsz
+    fake-latent rows for the unconditional half (B' = 2 * bsz)."""
+    class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
+    return torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)]) if use_cfg else class_embedding
+
+
 def mask_by_order(mask_len, orders):
     """Boolean [B, L] mask of the first `mask_len` positions of each row's order [B, L]."""
     mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
@@ -434,11 +442,10 @@ class MAR(nn.Module):
         `num_iter` starts -> (tokens, mask, masked_now) when it ends. cfg, temperature: floats."""
         bsz = tokens.shape[0]
         cur_tokens = tokens.clone()
-        class_embedding = self.class_emb(labels) if labels is not None else self.fake_latent.repeat(bsz, 1)
+        class_embedding = sampling_class_embeddings(self, bsz, labels, cfg != 1.0)
         enc_tokens, enc_mask = tokens, mask
         if cfg != 1.0:
             enc_tokens = torch.cat([tokens, tokens])
-            class_embedding = torch.cat([class_embedding, self.fake_latent.repeat(bsz, 1)])
             enc_mask = torch.cat([mask, mask])
         x = self.forward_mae_encoder(enc_tokens, enc_mask, class_embedding)
         z_all = self.forward_mae_decoder(x, enc_mask)

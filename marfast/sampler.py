@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .attention import requested_backend as requested_attention_backend
-from .mar import next_mask_len
+from .mar import next_mask_len, sampling_class_embeddings
 
 CUDA_GRAPHS_ENV_VAR = "MARFAST_CUDA_GRAPHS"
 
@@ -302,9 +302,7 @@ def sample_tokens_fast(model, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", 
     plans = plan_steps(model, num_iter, cfg, cfg_schedule)
     tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
     orders = model.sample_orders(bsz, generator)
-    class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
-    if cfg != 1.0:
-        class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+    class_embedding = sampling_class_embeddings(model, bsz, labels, cfg != 1.0)
     graphs = step_graphs_for(model, bsz, cfg != 1.0) if cuda_graphs else None
     run_ar_loop(model, tokens, orders, class_embedding, plans, temperature, generator=generator, progress=progress,
                 timer=timer, graphs=graphs)

@@ -61,6 +61,13 @@ def update_ema(ema_params, params, decay):
 
 # ------------------------------------------------------------------------------------------------
 # data
+def class_folder_files(root, keep):
+    """(class names sorted, [(file, class index)]) of root/<class>/<file> for files with keep(path)."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if keep(f)]
+    return classes, files
+
+
 class CachedLatents(torch.utils.data.Dataset):
     """Latent cache written by `cache_latents`: root/<class>/<name>.npz with `moments` and
     `moments_flip` (VAE posterior mean and log-variance, [2C, h, w] float32). Items are
@@ -68,11 +75,9 @@ class CachedLatents(torch.utils.data.Dataset):
 
     def __init__(self, root):
         self.root = Path(root)
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
-        self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).glob("*.npz"))]
+        self.classes, self.files = class_folder_files(self.root, lambda f: f.suffix == ".npz")
         if not self.files:
             raise FileNotFoundError(f"no cached latents (<class>/<name>.npz) under {root}")
-        self.classes = classes
 
     def __len__(self):
         return len(self.files)
@@ -103,12 +108,9 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, size):
         self.root, self.size = Path(root), size
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
-        self.files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).iterdir())
-                      if f.suffix in self.EXTENSIONS]
+        self.classes, self.files = class_folder_files(self.root, lambda f: f.suffix in self.EXTENSIONS)
         if not self.files:
             raise FileNotFoundError(f"no images (<class>/<image>) under {root}")
-        self.classes = classes
 
     def __len__(self):
         return len(self.files)

@@ -234,18 +234,15 @@ def test_reference_ar_steps_over_all_steps_reproduce_sample_tokens(one_thread):
 
 
 def test_fast_ar_steps_over_all_steps_reproduce_the_fast_loop(one_thread):
-    from benchmarks.models import resolve_fast_ar_steps, resolve_fast_sampler
+    from benchmarks.models import fast_ar_steps
 
     model = tiny_mar_model()
-    fast, why = resolve_fast_sampler(model)
-    steps_runner, why_steps = resolve_fast_ar_steps(model)
-    if fast is None or steps_runner is None:
-        pytest.skip(f"no fast MAR loop to compare: {why or why_steps}")
     labels = torch.tensor([4, 2, 9])
     torch.manual_seed(5)
-    expected = fast(bsz=3, num_iter=4, cfg=3.0, cfg_schedule="linear", labels=labels, temperature=1.0)
+    expected = model.sample_tokens_fast(bsz=3, num_iter=4, cfg=3.0, cfg_schedule="linear", labels=labels,
+                                        temperature=1.0)
     torch.manual_seed(5)
-    tokens = steps_runner(3, 4, 3.0, "linear", labels, 1.0, range(4))
+    tokens = fast_ar_steps(model, 3, 4, 3.0, "linear", labels, 1.0, range(4))
     assert torch.equal(model.unpatchify(tokens), expected)
 
 
