@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
-from .mar import (CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, sampling_class_embeddings,
-                  set_token_geometry)
+from .mar import (CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, sample_labels_in_eval_mode,
+                  sampling_class_embeddings, set_token_geometry)
 
 ORDERS = ("raster", "random")
 
@@ -320,18 +320,8 @@ class CausalAR(nn.Module):
                progress=False):
         """One image per label (long [B] or a list of ints), reproducible with `seed` or `generator`.
         Returns the tokenizer's decoded images when one is attached, else latents [B, C, H, W]."""
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed or generator, not both")
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.check_labels(labels)
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        was_training = self.training
-        self.eval()
-        try:
-            latents = self.sample_tokens(labels.shape[0], cfg, cfg_schedule, labels.to(self.device), temperature,
-                                         progress, generator=generator)
-        finally:
-            self.train(was_training)
+        latents = sample_labels_in_eval_mode(
+            self, labels, seed, generator,
+            lambda labels, generator: self.sample_tokens(labels.shape[0], cfg, cfg_schedule, labels, temperature,
+                                                         progress, generator=generator))
         return self.tokenizer.decode(latents) if self.tokenizer is not None else latents

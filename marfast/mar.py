@@ -490,26 +490,35 @@ class MAR(nn.Module):
         Returns the tokenizer's decoded uint8 images when one is attached (a list of PIL images with
         pil=True), else latents [B, C, H, W].
         """
-        if seed is not None and generator is not None:
-            raise ValueError("give either seed or generator, not both")
         if pil and self.tokenizer is None:
             raise ValueError("pil=True needs an attached tokenizer or VAE (this model samples latents)")
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(list(labels), dtype=torch.long)
-        self.check_labels(labels)
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        was_training = self.training
-        self.eval()
-        try:
-            latents = self.sample_tokens_fast(labels.shape[0], num_iter, cfg, cfg_schedule, labels.to(self.device),
-                                              temperature, progress, generator=generator)
-        finally:
-            self.train(was_training)
+        latents = sample_labels_in_eval_mode(
+            self, labels, seed, generator,
+            lambda labels, generator: self.sample_tokens_fast(labels.shape[0], num_iter, cfg, cfg_schedule, labels,
+                                                              temperature, progress, generator=generator))
         if self.tokenizer is None:
             return latents
         images = self.tokenizer.decode(latents)
         return images_to_pil(images) if pil else images
+
+
+def sample_labels_in_eval_mode(model, labels, seed, generator, sample_tokens):
+    """The common part of the models' `sample`: labels (long [B] or a list of ints) checked and moved
+    to the model's device, a generator from `seed` (or the given one; not both), and
+    sample_tokens(labels, generator) run in eval mode (the training mode is restored after)."""
+    if seed is not None and generator is not None:
+        raise ValueError("give either seed or generator, not both")
+    if not isinstance(labels, torch.Tensor):
+        labels = torch.as_tensor(list(labels), dtype=torch.long)
+    model.check_labels(labels)
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    try:
+        return sample_tokens(labels.to(model.device), generator)
+    finally:
+        model.train(was_training)
 
 
 def images_to_pil(images):
