@@ -71,6 +71,20 @@ def load_state_dict_checked(module, state_dict):
     return module
 
 
+def write_file_atomically(path, write_fn):
+    """write_fn(tmp) writes a temporary sibling of `path` (same suffix), which then replaces `path`;
+    on any failure the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _atomic_dir_write(directory, write_fn):
     """Write files into a temporary sibling directory, then move it into place."""
     directory = Path(directory)

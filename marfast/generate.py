@@ -8,7 +8,6 @@ does not depend on the number of processes. Each shard is written atomically as
 `labels` holds the class of every image.
 """
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from .checkpoint import write_file_atomically
 
 
 def balanced_labels(num_images, classes):
@@ -36,15 +37,7 @@ def to_nhwc_rgb(images):
 
 
 def _save_npz_atomic(path, **arrays):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_file_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def distributed_context():

@@ -12,7 +12,6 @@ RNG states. `checkpoint-last.pth` keeps the official layout (`model`, `model_ema
 """
 import math
 import os
-import tempfile
 import time
 import dataclasses
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_state_dict_checked, write_pretrained
+from .checkpoint import load_state_dict_checked, write_file_atomically, write_pretrained
 from .mar import PRESETS, MAR, build_preset
 from .vae import LATENT_SCALE
 
@@ -149,10 +148,7 @@ def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device
             path, label = dataset.files[i]
             target = out_root / dataset.classes[label] / (path.stem + ".npz")
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".npz", dir=target.parent)
-            os.close(fd)
-            np.savez(tmp, moments=moments[j], moments_flip=moments[n + j])
-            os.replace(tmp, target)
+            write_file_atomically(target, lambda tmp: np.savez(tmp, moments=moments[j], moments_flip=moments[n + j]))
     return out_root
 
 
@@ -241,17 +237,6 @@ def build_model(config):
             model.config[name] = kwargs[name]  # what this run trains with is what its checkpoints record
     model.diffloss.net.grad_checkpointing = config.grad_checkpointing
     return model.train()
-
-
-def _atomic_torch_save(obj, path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -391,7 +376,7 @@ class Trainer:
         ckpt = {"model": model_state, "model_ema": ema_state, "optimizer": optimizer_state,
                 "epoch": self.step // self.steps_per_epoch, "step": self.step, "world_size": self.world,
                 "config": asdict(self.config), "rng": rng, "model_config": self.model.config}
-        _atomic_torch_save(ckpt, self.out / "checkpoint-last.pth")
+        write_file_atomically(self.out / "checkpoint-last.pth", lambda tmp: torch.save(ckpt, tmp))
         write_pretrained(ema_state, self.model.config, self.out / "ema")
 
     def restore(self, ckpt):
