@@ -158,18 +158,31 @@ def head_flops_per_row_call(width, z_channels):
     return 2 * width * z_channels
 
 
+def head_weight_split(net):
+    """(per-step parameters, per-call parameters) of an MLP head (`SimpleMLPAdaLN`) when sampling.
+
+    The adaLN modulations and the time and condition embeddings depend only on t and z, never on
+    x_t, so one sampling call can compute them for all its DDPM steps while reading their weights
+    once (the fused loop does, in GEMMs of many steps each); the input projection, the block MLPs
+    and the final linear act on x_t and are needed at every step.
+    """
+    per_call = sum(p.numel() for name, p in net.named_parameters()
+                   if "adaLN_modulation" in name or name.startswith(("time_embed.", "cond_embed.")))
+    return sum(p.numel() for p in net.parameters()) - per_call, per_call
+
+
 def head_sampling_work(net, rows, steps, weight_bytes_per_param, state_bytes=4):
     """(flops, bytes_min) of one `DiffLoss.sample` call over `rows` rows and `steps` DDPM steps.
 
-    bytes_min: all head weights read once per step, plus x read and written per step in the state
-    dtype, plus z read once.
+    bytes_min: the per-step weights (`head_weight_split`) read once per step and the per-call
+    weights once, plus x read and written per step in the state dtype, plus z read once.
     """
     depth, width = net.num_res_blocks, net.model_channels
     channels, z_channels = net.in_channels, net.cond_embed.in_features
     flops = rows * (steps * head_flops_per_row_step(depth, width, channels) + head_flops_per_row_call(width, z_channels))
-    params = sum(p.numel() for p in net.parameters())
-    bytes_min = steps * (params * weight_bytes_per_param + 2 * rows * channels * state_bytes) \
-        + rows * z_channels * weight_bytes_per_param
+    per_step, per_call = head_weight_split(net)
+    bytes_min = steps * (per_step * weight_bytes_per_param + 2 * rows * channels * state_bytes) \
+        + (per_call + rows * z_channels) * weight_bytes_per_param
     return float(flops), float(bytes_min)
 
 
@@ -282,13 +295,14 @@ def mar_sampling_flops_per_image(config, num_iter, cfg_on, steps=None):
 
 
 def mar_sampling_bytes(model, num_ar_steps, weight_bytes_per_param):
-    """Lower bound on bytes moved by `num_ar_steps` AR steps of sampling (any batch): the
-    transformer weights once per AR step and the head weights once per DDPM step of each."""
+    """Lower bound on bytes moved by `num_ar_steps` AR steps of sampling (any batch): per AR step
+    the transformer weights and the head's per-call weights once, and the head's per-step weights
+    once per DDPM step (`head_weight_split`)."""
     blocks = list(model.encoder_blocks) + list(model.decoder_blocks)
     transformer_params = sum(p.numel() for block in blocks for p in block.parameters())
-    head_params = sum(p.numel() for p in model.diffloss.net.parameters())
+    per_step, per_call = head_weight_split(model.diffloss.net)
     steps = model.diffloss.num_sampling_steps
-    return float(num_ar_steps * (transformer_params + steps * head_params) * weight_bytes_per_param)
+    return float(num_ar_steps * (transformer_params + per_call + steps * per_step) * weight_bytes_per_param)
 
 
 @dataclass

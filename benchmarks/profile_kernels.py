@@ -50,7 +50,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from marfast.sampler import CUDA_GRAPHS_ENV_VAR, cuda_graphs_requested
 
-from .harness import head_sampling_work, mar_sampling_bytes, measure_roofline
+from .harness import head_sampling_work, head_weight_split, mar_sampling_bytes, measure_roofline
 from .machine import device_label, nvml_state, software_info
 from .models import (RELEASED_CFG, RELEASED_HEAD_OF, RELEASED_HEADS, TINY_HEAD, build_head, build_mar,
                      fused_head_absence)
@@ -127,15 +127,16 @@ def build_head_case(args, device):
 
     def extra(wall_s):
         gbps, source = copy_bandwidth(args, device)
-        weight_bytes_per_step = sum(p.numel() for p in head.net.parameters()) * weight_bytes
+        weight_bytes_per_step = head_weight_split(head.net)[0] * weight_bytes
         _, bytes_min = head_sampling_work(head.net, args.rows, steps, weight_bytes)
         floor_us = bytes_min / steps / (gbps * 1e9) * 1e6
         wall_us = statistics.median(wall_s) / steps * 1e6
         return {"weight_streaming_floor": {
             "weight_bytes_per_step": weight_bytes_per_step,
             "bytes_min_per_step": bytes_min / steps,
-            "bytes_min_counts": "all head weights once per DDPM step in the weight dtype, the float32 state read "
-                                "and written, z once per call (harness.head_sampling_work / steps)",
+            "bytes_min_counts": "the head's per-step weights once per DDPM step and its per-call weights (adaLN, "
+                                "time and condition embeddings) once per call, in the weight dtype, the float32 "
+                                "state read and written, z once per call (harness.head_sampling_work / steps)",
             "hbm_gbps": gbps, "hbm_gbps_source": source,
             "floor_us_per_step": floor_us,
             "wall_us_per_step_unprofiled": wall_us,

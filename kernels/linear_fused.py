@@ -12,12 +12,10 @@ epilogue on the fp32 accumulator [BLOCK_M, BLOCK_N] (bias in fp32 first):
   BIAS            y = acc + b
   BIAS_SILU       y = SiLU(acc + b)
   GATED_RESIDUAL  y = residual + gate * (acc + b)     (residual fp32, gate a per-row view)
-optional epilogue side outputs:
+optional epilogue side output:
   statistics  for each row and each STATS_GROUP-column group of y: (mean, sum of squared
               deviations from that mean), fp32 [M, cdiv(N, STATS_GROUP), 2]; a consumer combines the
               groups exactly (Chan's parallel formula) into the row's LayerNorm mean and variance.
-  silu_cond   silu_out = SiLU(time_row + cond) for the tile's [rows, cols] (the adaLN input of the
-              diffusion step, emitted by the input projection, which has the same [M, W] tiling).
 
 Accumulation is fp32; the dot inputs are the weight dtype (fp32, bf16 or fp16). fp32 dots follow
 torch's matmul precision setting (IEEE under "highest", TF32 otherwise), as cuBLAS does.
@@ -151,12 +149,11 @@ def _linear_fused_kernel(
     a_ptr, weight_ptr, bias_ptr, out_ptr,
     stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
     gate_ptr, residual_ptr, stats_out_ptr,
-    time_ptr, cond_ptr, silu_out_ptr,
     M, N, K, a_row_period,
     stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm,
-    stride_stats_in_m, stride_stats_out_m, stride_cond_m, stride_silu_m,
+    stride_stats_in_m, stride_stats_out_m,
     ln_eps,
-    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr, EMIT_SILU_COND: tl.constexpr,
+    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr,
@@ -214,12 +211,6 @@ def _linear_fused_kernel(
     if WRITE_STATS:
         _store_group_stats(y, rows, row_ok, pid_n * BLOCK_N, N, stats_out_ptr, stride_stats_out_m,
                            BLOCK_M, BLOCK_N, STATS_GROUP)
-    if EMIT_SILU_COND:
-        time_row = tl.load(time_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        cond = tl.load(cond_ptr + rows64 * stride_cond_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y_cond = time_row[None, :] + cond
-        tl.store(silu_out_ptr + rows64 * stride_silu_m + cols[None, :],
-                 (y_cond * tl.sigmoid(y_cond)).to(silu_out_ptr.dtype.element_ty), mask=mask)
 
 
 def interpreting():
@@ -354,7 +345,7 @@ def _check_no_alias(out_name, out, in_name, inp):
 
 def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, stats_in=None, ln_weight=None,
             ln_bias=None, shift=None, scale=None, ln_eps=1e-6, epilogue=EPILOGUE_BIAS, gate=None, residual=None,
-            stats_out=None, time_row=None, cond=None, silu_out=None):
+            stats_out=None):
     M, N = out.shape
     K = weight.shape[1]
     mod = shift if shift is not None else gate
@@ -367,16 +358,13 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         shift_ptr=dummy if shift is None else shift, scale_ptr=dummy if scale is None else scale,
         gate_ptr=dummy if gate is None else gate, residual_ptr=dummy if residual is None else residual,
         stats_out_ptr=dummy if stats_out is None else stats_out,
-        time_ptr=dummy if time_row is None else time_row, cond_ptr=dummy if cond is None else cond,
-        silu_out_ptr=dummy if silu_out is None else silu_out,
         M=M, N=N, K=K, a_row_period=a.shape[0] if a_row_period is None else a_row_period,
         stride_am=a.stride(0), stride_wn=weight.stride(0), stride_wk=weight.stride(1), stride_om=out.stride(0),
         stride_mod_m=0 if mod is None else mod.stride(0), stride_rm=0 if residual is None else residual.stride(0),
         stride_stats_in_m=0 if stats_in is None else stats_in.stride(0),
         stride_stats_out_m=0 if stats_out is None else stats_out.stride(0),
-        stride_cond_m=0 if cond is None else cond.stride(0), stride_silu_m=0 if silu_out is None else silu_out.stride(0),
         ln_eps=float(ln_eps),
-        PROLOGUE=prologue, EPILOGUE=epilogue, WRITE_STATS=stats_out is not None, EMIT_SILU_COND=silu_out is not None,
+        PROLOGUE=prologue, EPILOGUE=epilogue, WRITE_STATS=stats_out is not None,
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_M, STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK,
     )
     if M == 0 or N == 0:
@@ -388,7 +376,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         _linear_fused_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                    num_warps=warps, num_stages=stages)
 
-    key = (prologue, epilogue, stats_out is not None, silu_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
+    key = (prologue, epilogue, stats_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device))
     run(_tuned_config(key, _candidate_configs(M, N, K, weight.element_size()), run))
     return out
@@ -422,14 +410,13 @@ def linear(a, weight, bias, out):
     return _launch(a, weight, bias, out)
 
 
-def input_projection(state, weight, bias, residual_out, stats_out, time_row, cond, silu_out):
-    """The first layer of a diffusion step, with the step's adaLN input as a side output.
+def input_projection(state, weight, bias, residual_out, stats_out):
+    """The first layer of a diffusion step: the residual stream and its LayerNorm statistics.
 
     residual_out[r] = state[r % S] @ weight^T + bias   (fp32 [R, W]; S = state rows, R a multiple
-    of S: with CFG R = 2S and both halves start from the same state), its LayerNorm group
-    statistics into stats_out (fp32 stats_shape(R, W)), and
-    silu_out[r] = SiLU(time_row + cond[r])              ([R, W] in silu_out's dtype).
-    state: [S, C] float; weight [W, C]; bias, time_row: float [W]; cond: float [R, W].
+    of S: with CFG R = 2S and both halves start from the same state), and its LayerNorm group
+    statistics into stats_out (fp32 stats_shape(R, W)). state: [S, C] float; weight [W, C];
+    bias: float [W].
     """
     device, width, _ = _check_linear(state, weight, bias, residual_out)
     rows = residual_out.shape[0]
@@ -438,11 +425,7 @@ def input_projection(state, weight, bias, residual_out, stats_out, time_row, con
     if state.shape[0] == 0 or rows % state.shape[0]:
         raise ValueError(f"residual_out rows ({rows}) must be a positive multiple of state rows ({state.shape[0]})")
     _check_stats("stats_out", stats_out, rows, width, device)
-    _check_vector("time_row", time_row, width, device)
-    _check_matrix("cond", cond, rows, width, device)
-    _check_matrix("silu_out", silu_out, rows, width, device)
-    return _launch(state, weight, bias, residual_out, a_row_period=state.shape[0], stats_out=stats_out,
-                   time_row=time_row, cond=cond, silu_out=silu_out)
+    return _launch(state, weight, bias, residual_out, a_row_period=state.shape[0], stats_out=stats_out)
 
 
 def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, weight, bias, out, ln_eps=1e-6):

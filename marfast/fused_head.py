@@ -4,22 +4,27 @@
 what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM step
 (depth D, width W, R net rows; with CFG R = 2B and only the B conditional state rows are carried):
 
-1. `input_projection` (Triton): residual = x_t @ W_in^T + b (fp32 [R, W]) plus its LayerNorm
-   group statistics, and as a side output SiLU(time_embed(t) + cond_embed(z)) in the weight dtype
-   (the time embeddings of all sampler steps are computed once and cached; cond_embed(z) once per
-   call, by the Triton `linear` launcher);
-2. one GEMM for the adaLN modulations of all D blocks and the final layer ([R, W] x [W, (3D + 2) W],
-   a plain GEMM with bias and no fusion to gain; `modulation_gemm`): cuBLAS `torch.addmm` or the
-   Triton `linear` launcher, whichever is faster for the row count (timed once on CUDA; at a few
-   rows this GEMM reads most of the step's weight bytes, and how well each library streams a
-   skinny [R <= 64] GEMM across the SMs is measured rather than assumed);
+1. the adaLN modulations of all D blocks and the final layer, for K steps at once: they depend
+   only on t and z, never on x_t, so before the first step of each chunk of K steps
+   `adaln_input` (Triton) writes SiLU(time_embed(t) + cond_embed(z)) for those K steps ([K, R, W] in
+   the weight dtype; the time embeddings of all sampler steps are computed once and cached,
+   cond_embed(z) once per call by the Triton `linear` launcher) and ONE GEMM computes their
+   modulations ([K R, W] x [W, (3D + 2) W], `modulation_gemm`: cuBLAS `torch.addmm` or the Triton
+   `linear` launcher, whichever is timed faster for the shape). K = `modulation_steps_per_gemm`:
+   enough steps that the GEMM has about `MODULATION_GEMM_ROWS` rows. The modulation weights are most
+   of the head's weight bytes (20 of 32 W^2 at depth 6), and at a few rows a GEMM reads its weights
+   in the same time whatever its row count up to a few hundred, so at 16 rows the loop streams them
+   once per 64 steps instead of once per step; at thousands of rows K = 1 (the GEMM is compute bound
+   either way, and the buffer stays one step's size);
+2. `input_projection` (Triton): residual = x_t @ W_in^T + b (fp32 [R, W]) plus its LayerNorm
+   group statistics;
 3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +
    SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
    writes the next LayerNorm's group statistics);
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
    learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
 
-On CUDA the loop (including cond_embed) is captured once per (bucketed row count, CFG on/off,
+On CUDA the loop (including cond_embed and the modulation GEMMs) is captured once per (bucketed row count, CFG on/off,
 clip on/off, number of steps) as a CUDA graph and replayed: no host synchronisation and no Python
 work per step. The first call for a bucket runs the loop eagerly (compiling and tuning the
 kernels; its result is returned) and then captures. Under the Triton CPU interpreter the loop
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 
 from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
+from .kernels.adaln_input import adaln_input
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
 from .kernels.linear_fused import (WEIGHT_DTYPES, input_projection, interpreting, linear, linear_gated_residual,
                                    linear_ln_modulate_silu, stats_shape, time_launches)
@@ -48,6 +54,7 @@ from .kernels.linear_fused import (WEIGHT_DTYPES, input_projection, interpreting
 MAX_GRAPHS_PER_HEAD = 8
 MIN_BUCKET_ROWS = 16
 LARGE_BUCKET_ROWS = 4096
+MODULATION_GEMM_ROWS = 1024
 
 
 def bucket_rows(rows):
@@ -75,7 +82,8 @@ class PackedHead:
     ada_weight [(3D + 2) W, W] is the concatenation of the adaLN linears of all blocks (shift,
     scale, gate each) and of the final layer (shift, scale); biases used by Triton epilogues are
     fp32 copies; GEMM weights are the parameters themselves (no copy). modulation_provider:
-    "auto", "cublas" or "triton" (see `modulation_gemm`).
+    "auto", "cublas" or "triton" (see `modulation_gemm`); modulation_gemm_rows: the row count the
+    step-batched modulation GEMM aims at (see `modulation_steps_per_gemm`).
     """
 
     def __init__(self, net, signature):
@@ -99,6 +107,7 @@ class PackedHead:
         self.ada_weight = torch.cat([m.weight.detach() for m in adaln])
         self.ada_bias = torch.cat([m.bias.detach() for m in adaln])
         self.modulation_provider = "auto"
+        self.modulation_gemm_rows = MODULATION_GEMM_ROWS
         self.blocks = [_Block(block) for block in net.res_blocks]
         final = net.final_layer
         if getattr(final.norm_final, "weight", None) is not None:
@@ -156,6 +165,28 @@ def release_fused_cache(net):
     _PACKS.pop(net, None)
 
 
+def modulation_steps_per_gemm(net_rows, num_steps, gemm_rows=MODULATION_GEMM_ROWS):
+    """K: how many DDPM steps share one modulation GEMM of about `gemm_rows` rows (1 <= K <= S).
+
+    The S steps split into ceil(S / K) chunks of nearly equal size (see `modulation_chunks`).
+    """
+    if gemm_rows < 1:
+        raise ValueError(f"modulation_gemm_rows must be >= 1, got {gemm_rows}")
+    most = max(1, min(num_steps, gemm_rows // net_rows))
+    chunks = math.ceil(num_steps / most)
+    return math.ceil(num_steps / chunks)
+
+
+def modulation_chunks(num_steps, steps_per_gemm):
+    """(lo, hi) step ranges, in loop order (hi = S - 1 first): the steps whose modulations one GEMM makes."""
+    chunks, hi = [], num_steps - 1
+    while hi >= 0:
+        lo = max(0, hi - steps_per_gemm + 1)
+        chunks.append((lo, hi))
+        hi = lo - 1
+    return chunks
+
+
 class _Workspace:
     """Every buffer the loop reads or writes, for `state_rows` carried rows (static under a graph)."""
 
@@ -165,16 +196,24 @@ class _Workspace:
         f32 = dict(device=pack.device, dtype=torch.float32)
         low = dict(device=pack.device, dtype=pack.dtype)
         self.state_rows, self.net_rows, self.use_cfg = state_rows, net_rows, use_cfg
+        self.steps_per_gemm = modulation_steps_per_gemm(net_rows, num_steps, pack.modulation_gemm_rows)
         self.z = torch.zeros(net_rows, pack.z_channels, **low)
         self.states = [torch.zeros(state_rows, channels, **f32) for _ in range(2)]
         self.noise = torch.zeros(num_steps, state_rows, channels, **f32)
         self.scalars = torch.zeros(4, **f32)
         self.cond = torch.empty(net_rows, width, **f32)
-        self.silu_cond = torch.empty(net_rows, width, **low)
-        self.modulation = torch.empty(net_rows, (3 * pack.depth + 2) * width, **low)
+        self.adaln_input = torch.empty(self.steps_per_gemm, net_rows, width, **low)
+        self.modulation = torch.empty(self.steps_per_gemm, net_rows, (3 * pack.depth + 2) * width, **low)
         self.residuals = [torch.empty(net_rows, width, **f32) for _ in range(2)]
         self.hidden = torch.empty(net_rows, width, **low)
         self.stats = torch.empty(stats_shape(net_rows, width), **f32)
+
+    def modulate_steps(self, pack, time_embeddings, lo, hi):
+        """Fill modulation[: hi - lo + 1] with the modulations of steps lo..hi (one GEMM)."""
+        steps = hi - lo + 1
+        adaln_input(time_embeddings[lo:hi + 1], self.cond, self.adaln_input[:steps])
+        modulation_gemm(pack, self.adaln_input[:steps].view(steps * self.net_rows, -1),
+                        self.modulation[:steps].view(steps * self.net_rows, -1))
 
     def load(self, z, x, step_noise, cfg, temperature, clip_x0):
         """Copy one call's inputs in (device-side copies and fills only: no host sync)."""
@@ -196,7 +235,8 @@ _MODULATION_CHOICE = {}
 
 
 def modulation_gemm(pack, silu_cond, out):
-    """out [R, (3D + 2) W] = silu_cond [R, W] @ ada_weight^T + ada_bias, in the weight dtype.
+    """out [M, (3D + 2) W] = silu_cond [M, W] @ ada_weight^T + ada_bias, in the weight dtype
+    (M = K steps x R net rows in the loop).
 
     pack.modulation_provider "cublas" (torch.addmm) or "triton" (the `linear` launcher) forces one;
     "auto" takes cuBLAS off CUDA and, on CUDA, the faster of the two for this shape, timed once
@@ -231,29 +271,31 @@ def _launch_loop(pack, ws, diffusion, clip):
     width, depth = pack.width, pack.depth
     time_embeddings = pack.time_embeddings(diffusion)
     coefficients = pack.coefficients(diffusion)
-    mod = ws.modulation
     linear(ws.z, pack.cond_weight, pack.cond_bias, ws.cond)
     current = 0
-    for step in reversed(range(diffusion.num_timesteps)):
-        state, next_state = ws.states[current], ws.states[1 - current]
-        input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats,
-                         time_embeddings[step], ws.cond, ws.silu_cond)
-        modulation_gemm(pack, ws.silu_cond, mod)
-        res = 0
-        for i, block in enumerate(pack.blocks):
-            base = 3 * width * i
-            linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
-                                    mod[:, base:base + width], mod[:, base + width:base + 2 * width],
-                                    block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps)
-            linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias, mod[:, base + 2 * width:base + 3 * width],
-                                  ws.residuals[res], ws.residuals[1 - res], ws.stats)
-            res = 1 - res
-        base = 3 * width * depth
-        final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width], mod[:, base + width:base + 2 * width],
-                              pack.final_weight, pack.final_bias, state, ws.noise[step], next_state, ws.scalars,
-                              coefficients[step], use_cfg=ws.use_cfg, uncond_row_offset=ws.state_rows if ws.use_cfg else 0,
-                              add_noise=step > 0, clip_x0=clip, ln_eps=pack.final_eps)
-        current = 1 - current
+    for lo, hi in modulation_chunks(diffusion.num_timesteps, ws.steps_per_gemm):
+        ws.modulate_steps(pack, time_embeddings, lo, hi)
+        for step in range(hi, lo - 1, -1):
+            mod = ws.modulation[step - lo]
+            state, next_state = ws.states[current], ws.states[1 - current]
+            input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats)
+            res = 0
+            for i, block in enumerate(pack.blocks):
+                base = 3 * width * i
+                linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
+                                        mod[:, base:base + width], mod[:, base + width:base + 2 * width],
+                                        block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps)
+                linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias,
+                                      mod[:, base + 2 * width:base + 3 * width], ws.residuals[res],
+                                      ws.residuals[1 - res], ws.stats)
+                res = 1 - res
+            base = 3 * width * depth
+            final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width],
+                                  mod[:, base + width:base + 2 * width], pack.final_weight, pack.final_bias, state,
+                                  ws.noise[step], next_state, ws.scalars, coefficients[step], use_cfg=ws.use_cfg,
+                                  uncond_row_offset=ws.state_rows if ws.use_cfg else 0, add_noise=step > 0,
+                                  clip_x0=clip, ln_eps=pack.final_eps)
+            current = 1 - current
     return ws.states[current]
 
 
@@ -264,7 +306,8 @@ class _CapturedLoop:
 
 def _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0):
     key = (bucket_rows(rows), use_cfg, clip_x0 is not None, tuple(diffusion.timestep_map.tolist()),
-           torch.get_float32_matmul_precision())  # fp32 dots bake IEEE vs TF32 into the graph
+           torch.get_float32_matmul_precision(),  # fp32 dots bake IEEE vs TF32 into the graph
+           pack.modulation_provider, pack.modulation_gemm_rows)
     captured = pack.graphs.get(key)
     if captured is not None:
         pack.graphs.move_to_end(key)

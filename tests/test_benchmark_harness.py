@@ -49,8 +49,12 @@ def test_head_work_counts_flops_and_weight_traffic():
     flops, bytes_min = harness.head_sampling_work(net, rows=10, steps=7, weight_bytes_per_param=2)
     per_row_step = 2 * ((5 * 3 + 2) * 48**2 + 3 * 48 * 16)
     assert flops == 10 * (7 * per_row_step + 2 * 48 * 24)
-    params = sum(p.numel() for p in net.parameters())
-    assert bytes_min == 7 * (params * 2 + 2 * 10 * 16 * 4) + 10 * 24 * 2
+    adaln = 3 * (3 * 48 * 48 + 3 * 48) + (2 * 48 * 48 + 2 * 48)  # three blocks' shift/scale/gate, final shift/scale
+    per_call = adaln + (256 * 48 + 48 + 48 * 48 + 48) + (24 * 48 + 48)  # + time_embed, cond_embed
+    per_step = sum(p.numel() for p in net.parameters()) - per_call  # input_proj, the MLPs and LNs, final linear
+    assert harness.head_weight_split(net) == (per_step, per_call)
+    assert per_step == (16 * 48 + 48) + 3 * (2 * (48 * 48 + 48) + 2 * 48) + (48 * 32 + 32)
+    assert bytes_min == 7 * (per_step * 2 + 2 * 10 * 16 * 4) + (per_call + 10 * 24) * 2
 
 
 def test_transformer_head_work_matches_a_hand_count_and_the_flop_counter():

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import profile_kernels
+from benchmarks import harness, profile_kernels
 from benchmarks.models import TINY_HEAD, build_head
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of profile_kernels")
@@ -53,7 +53,8 @@ def test_head_case_writes_the_profile_and_the_weight_streaming_floor(tmp_path, c
     assert any(row["name"] == "aten::addmm" for row in report["kernels"])
     floor = report["weight_streaming_floor"]
     head = build_head(TINY_HEAD, "cpu", torch.float32, backend="torch")
-    assert floor["weight_bytes_per_step"] == 4 * sum(p.numel() for p in head.net.parameters())
+    per_step, per_call = harness.head_weight_split(head.net)
+    assert floor["weight_bytes_per_step"] == 4 * per_step and per_call > 0
     assert floor["bytes_min_per_step"] > floor["weight_bytes_per_step"]
     assert floor["hbm_gbps"] == 1000
     assert floor["floor_us_per_step"] == pytest.approx(floor["bytes_min_per_step"] / 1e9 * 1e6 / 1000)

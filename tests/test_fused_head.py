@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from marfast import DiffLoss
 from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
 from marfast.diffusion import GaussianDiffusion
-from marfast.fused_head import bucket_rows, ddpm_sample_loop_fused, packed_head, release_fused_cache
+from marfast.fused_head import (bucket_rows, ddpm_sample_loop_fused, modulation_chunks, modulation_steps_per_gemm,
+                                packed_head, release_fused_cache)
+from marfast.kernels.adaln_input import adaln_input
 from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
 from marfast.kernels import linear_fused
 from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual,
@@ -85,17 +87,42 @@ def test_linear_matches_float64(rows, k, n):
 
 
 @pytest.mark.parametrize("state_rows,repeat,width", [(7, 2, 40), (1, 1, 72), (33, 1, 40)])
-def test_input_projection_writes_residual_stats_and_adaln_input(state_rows, repeat, width):
+def test_input_projection_writes_residual_and_stats(state_rows, repeat, width):
     torch.manual_seed(width + state_rows)
     rows, channels = state_rows * repeat, 16
     state, w, b = torch.randn(state_rows, channels), torch.randn(width, channels), torch.randn(width)
-    time_row, cond = torch.randn(width), torch.randn(rows, width)
-    residual, silu, stats = poisoned(rows, width), poisoned(rows, width), poisoned(*stats_shape(rows, width))
-    input_projection(*on_device(state, w, b), residual, stats, *on_device(time_row, cond), silu)
+    residual, stats = poisoned(rows, width), poisoned(*stats_shape(rows, width))
+    input_projection(*on_device(state, w, b), residual, stats)
     expected = (state.double() @ w.double().T + b.double()).repeat(repeat, 1)
     assert_close64(residual, expected)
     assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-4)
-    assert_close64(silu, F.silu(time_row.double() + cond.double()))
+
+
+@pytest.mark.parametrize("steps,rows,width", [(3, 7, 40), (1, 33, 72), (5, 1, 24)])
+def test_adaln_input_matches_float64(steps, rows, width):
+    """out[k, r] = SiLU(time[k] + cond[r]), also into a slice of a larger buffer (as the loop's last chunk)."""
+    torch.manual_seed(steps + rows + width)
+    time, cond = torch.randn(steps, width), torch.randn(rows, width)
+    buffer = poisoned(steps + 2, rows, width)
+    adaln_input(*on_device(time, cond), buffer[:steps])
+    assert_close64(buffer[:steps], F.silu(time.double()[:, None] + cond.double()[None]))
+    assert torch.isnan(buffer[steps:]).all()
+
+
+def test_adaln_input_rejects_bad_input():
+    time, cond, out = on_device(torch.randn(2, 40), torch.randn(3, 40), torch.empty(2, 3, 40))
+    with pytest.raises(ValueError, match="time must have shape \\(2, 40\\)"):
+        adaln_input(time[:1], cond, out)
+    with pytest.raises(ValueError, match="cond must have shape \\(3, 40\\)"):
+        adaln_input(time, cond[:, :39], out)
+    with pytest.raises(TypeError, match="time must have dtype"):
+        adaln_input(time.half(), cond, out)
+    with pytest.raises(TypeError, match="out dtype"):
+        adaln_input(time, cond, out.double())
+    with pytest.raises(ValueError, match="3-D"):
+        adaln_input(time, cond, out[0])
+    with pytest.raises(ValueError, match="unit column stride"):
+        adaln_input(time, cond, torch.empty(40, 3, 2, device=DEVICE).permute(2, 1, 0))
 
 
 @pytest.mark.parametrize("two_pass", [False, True], ids=["prologue", "two_pass"])
@@ -324,6 +351,46 @@ def test_diffloss_sample_triton_backend_matches_torch_backend():
         heads["triton"].sample(z.double())
 
 
+def test_modulation_steps_per_gemm_and_chunks():
+    assert modulation_steps_per_gemm(16, 100) == 50  # 1024 // 16 = 64 steps at most: two balanced GEMMs
+    assert modulation_steps_per_gemm(32, 100) == 25
+    assert modulation_steps_per_gemm(8, 100) == 100
+    assert modulation_steps_per_gemm(8192, 100) == 1
+    assert modulation_steps_per_gemm(14, 5, gemm_rows=28) == 2
+    with pytest.raises(ValueError, match="modulation_gemm_rows"):
+        modulation_steps_per_gemm(16, 100, gemm_rows=0)
+    assert modulation_chunks(5, 2) == [(3, 4), (1, 2), (0, 0)]
+    assert modulation_chunks(100, 50) == [(50, 99), (0, 49)]
+    for steps, per in [(1, 1), (7, 3), (100, 25), (100, 100)]:
+        covered = [s for lo, hi in modulation_chunks(steps, per) for s in range(hi, lo - 1, -1)]
+        assert covered == list(range(steps - 1, -1, -1))
+
+
+@pytest.mark.parametrize("gemm_rows,steps_per_gemm", [(14, 1), (28, 2), (1024, 5)])
+def test_fused_loop_step_batched_modulations(gemm_rows, steps_per_gemm, monkeypatch):
+    """The modulations of K steps come from one GEMM of K x R rows (ceil(S / K) GEMMs per call, the
+    last chunk possibly shorter) and the loop still computes the reference's function."""
+    from marfast import fused_head
+
+    calls = []
+    original = fused_head.modulation_gemm
+
+    def counting(pack, silu_cond, out):
+        calls.append(silu_cond.shape[0])
+        return original(pack, silu_cond, out)
+
+    monkeypatch.setattr(fused_head, "modulation_gemm", counting)
+    net = make_net(40, 2, seed=5)
+    packed_head(net).modulation_gemm_rows = gemm_rows
+    try:
+        fused, reference = run_both(net, 5, 7, 2.0, 1.0, None)
+    finally:
+        release_fused_cache(net)
+    expected_rows = [14 * (hi - lo + 1) for lo, hi in modulation_chunks(5, steps_per_gemm)]
+    assert calls == expected_rows and max(calls) == 14 * steps_per_gemm
+    assert relative_error(fused[:7], reference[:7]) < 1e-5
+
+
 def test_bucket_rows():
     assert [bucket_rows(r) for r in (1, 16, 17, 64, 65, 4096, 4097, 16384)] == [16, 16, 32, 64, 128, 4096, 8192, 16384]
 
@@ -422,7 +489,9 @@ def test_gpu_modulation_gemm_providers_agree_and_auto_is_timed_before_capture(st
     x = torch.randn(state_rows, 16, device="cuda").repeat(2, 1)
     noise = torch.randn(5, state_rows, 16, device="cuda")
     first = ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.0, noise, GPU_CLIP)
-    assert any(key[0][0] == bucket_rows(state_rows) * 2 for key in _MODULATION_CHOICE)
+    net_rows = bucket_rows(state_rows) * 2
+    gemm_rows = net_rows * modulation_steps_per_gemm(net_rows, 5)
+    assert any(key[0][0] == gemm_rows for key in _MODULATION_CHOICE)
     assert torch.equal(ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.0, noise, GPU_CLIP), first)
 
 
