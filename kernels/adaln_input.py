@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import WEIGHT_DTYPES, _check_matrix, interpreting
+from .linear_fused import WEIGHT_DTYPES, _check_matrix, gpu_configs, interpreting
 
 
 @triton.jit
@@ -58,7 +58,7 @@ def adaln_input(time, cond, out):
         raise ValueError(f"at most 65535 steps per launch (the grid's third dimension), got {steps}")
     if out.numel() == 0:
         return out
-    block_r, block_w = (16, min(64, triton.next_power_of_2(width))) if interpreting() else (16, 256)
+    block_r, block_w = (16, 256) if gpu_configs(device) else (16, min(64, triton.next_power_of_2(width)))
     _adaln_input_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_w), steps)](
         time, cond, out, rows, width, time.stride(0), cond.stride(0), out.stride(0), out.stride(1),
         BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .linear_fused import (STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats, _check_vector,
-                           _ln_modulate_tile, _row_layernorm_stats, dot_precision, interpreting)
+                           _ln_modulate_tile, _row_layernorm_stats, dot_precision, gpu_configs, interpreting)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 
@@ -109,10 +109,10 @@ def step_coefficients(diffusion, step):
     )
 
 
-def _block_sizes(rows, width, channels):
+def _block_sizes(rows, width, channels, gpu):
     block_c = max(16, triton.next_power_of_2(channels))
     block_k = min(64, max(16, triton.next_power_of_2(width)))
-    if interpreting():
+    if not gpu:
         return min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4
     return (16 if rows <= 16 else 32 if rows <= 1024 else 64), block_c, block_k, 4
 
@@ -158,7 +158,7 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         raise ValueError(f"{rows} state rows with uncond_row_offset={uncond_row_offset} do not fit {net_rows} net rows")
     if rows == 0:
         return out
-    block_m, block_c, block_k, warps = _block_sizes(rows, width, channels)
+    block_m, block_c, block_k, warps = _block_sizes(rows, width, channels, gpu_configs(device))
     _final_layer_ddpm_step_kernel[(triton.cdiv(rows, block_m),)](
         residual, stats, shift, scale, weight, bias, state, noise, out, scalars,
         rows, width, channels, uncond_row_offset,

@@ -218,6 +218,12 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def gpu_configs(device):
+    """True when launches on `device` use the GPU block configurations (CUDA); False: the small
+    configurations the Triton CPU interpreter runs quickly."""
+    return device.type == "cuda"
+
+
 def dot_precision(weight_dtype):
     """tl.dot input precision: IEEE fp32 unless torch allows TF32 matmuls (as cuBLAS would)."""
     if weight_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
@@ -234,15 +240,19 @@ def _pow2(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def _candidate_configs(M, N, K, element_bytes=2):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size.
+def _candidate_configs(M, N, K, element_bytes, gpu, heavy_epilogue=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) candidates for this problem size
+    (gpu: `gpu_configs(device)`; otherwise one small interpreter configuration).
 
     The last one is a fallback small enough for any device's shared memory, tried only when no
     other candidate fits; fp32 operands (element_bytes 4) take half the K depth per stage.
+    heavy_epilogue (gated residual or LayerNorm statistics: the accumulator, the gate and the
+    residual tiles live together) keeps at most 64 fp32 accumulator values per thread with 8
+    warps and 32 with 4: tiles beyond that spill registers on sm_90 (tests/test_sm90_compile.py).
     """
     k_cap = max(16, _pow2(K)) if element_bytes == 2 else max(16, min(_pow2(K), 32))
     small_m = min(64, max(16, _pow2(M)))
-    if interpreting():
+    if not gpu:
         return [(small_m, min(64, max(32, _pow2(N))), min(64, max(16, _pow2(K))), 4, 1)]
     if M <= 64:  # weight-streaming bound: many narrow column tiles
         shapes = [(small_m, 32, 128, 4, 4), (small_m, 64, 64, 4, 4), (small_m, 32, 256, 4, 3)]
@@ -253,7 +263,12 @@ def _candidate_configs(M, N, K, element_bytes=2):
     n_cap = max(32, _pow2(N))
     picked = []
     for bm, bn, bk, warps, stages in shapes + [(small_m, 64, 32, 4, 2)]:
-        config = (bm, min(bn, n_cap), min(bk, k_cap), warps, stages)
+        bn = min(bn, n_cap)
+        if heavy_epilogue and bm * bn > 32 * 32 * warps:
+            if bm * bn > 64 * 32 * 8:
+                continue
+            warps = 8
+        config = (bm, bn, min(bk, k_cap), warps, stages)
         if config not in picked:
             picked.append(config)
     return picked
@@ -378,7 +393,8 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
 
     key = (prologue, epilogue, stats_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device))
-    run(_tuned_config(key, _candidate_configs(M, N, K, weight.element_size()), run))
+    run(_tuned_config(key, _candidate_configs(M, N, K, weight.element_size(), gpu_configs(out.device),
+                                                  epilogue == EPILOGUE_GATED_RESIDUAL or stats_out is not None), run))
     return out
 
 

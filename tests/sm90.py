@@ -1,0 +1,125 @@
+"""Compile the Triton kernels marfast launches for an H100 (sm_90) on a machine without a GPU.
+
+Triton compiles ahead of time for a named target. `record_launches()` runs marfast code under the
+CPU interpreter with every kernel launch recorded instead of executed (the launchers' GPU block
+configurations switched on, every tuning candidate launched once); `compile_for_h100(launches)`
+compiles the distinct recorded launches exactly as the runtime would on the device (the same
+argument specialisation: 16-byte alignment of pointers, integers divisible by 16 or equal to 1)
+and returns each compiled kernel's resource use: shared memory, registers, local memory (register
+spills) and whether its PTX holds asynchronous copies. Compilation runs in a child process
+without TRITON_INTERPRET (under the interpreter Triton's own library functions are interpreted
+and cannot be compiled).
+
+The GPU machine runs another Triton release (3.6) than this one: a kernel that compiles here is
+very likely, not certainly, to compile there; the GPU suite is the final word.
+"""
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90 (227 KiB)
+
+
+@contextlib.contextmanager
+def record_launches(monkeypatch):
+    """Yield a list that collects every Triton launch made inside the block (none is executed), as
+    JSON-able descriptions: kernel module and name, arguments (tensors by dtype and alignment)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from marfast.kernels import adaln_input, ddpm_step, linear_fused
+
+    launches = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append({"module": self.fn.__module__, "name": self.fn.__name__,
+                         "args": [_describe(a) for a in args],
+                         "kwargs": {k: _describe(v) for k, v in kwargs.items()}})
+
+    monkeypatch.setattr(InterpretedFunction, "run", record)
+    for module in (linear_fused, ddpm_step, adaln_input):
+        monkeypatch.setattr(module, "gpu_configs", lambda device: True)
+    monkeypatch.setattr(linear_fused, "_TUNED", {})
+    monkeypatch.setattr(linear_fused, "time_launches", lambda run, repeats=1: (run(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds have no CUDA runtime
+    yield launches
+
+
+def _describe(value):
+    if isinstance(value, torch.Tensor):
+        return {"tensor": str(value.dtype).replace("torch.", ""), "aligned": value.data_ptr() % 16 == 0}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe a launch argument of type {type(value).__name__}")
+
+
+def compile_for_h100(launches):
+    """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
+    name, constants, num_warps, num_stages, shared_bytes, registers, local_bytes, async_copies."""
+    distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, __file__], input=json.dumps(distinct), capture_output=True, text=True,
+                          env=env, check=False)
+    if done.returncode:
+        raise RuntimeError(f"sm_90 compilation failed:\n{done.stderr[-6000:]}")
+    return json.loads(done.stdout)
+
+
+def _argument(description):
+    if isinstance(description, dict):
+        dtype = getattr(torch, description["tensor"])
+        storage = torch.empty(64, dtype=dtype)
+        return storage if description["aligned"] else storage[1:]
+    return description
+
+
+def _compile_all(launches):
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    results = []
+    for launch in launches:
+        jit = getattr(importlib.import_module(launch["module"]), launch["name"])
+        args = [_argument(a) for a in launch["args"]]
+        kwargs = dict({k: _argument(v) for k, v in launch["kwargs"].items()}, debug=False)
+        binder = create_function_from_signature(jit.signature, jit.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
+        kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
+        usage = _resource_usage(kernel.asm["cubin"], os.path.dirname(triton.__file__))
+        ptx = kernel.asm["ptx"]
+        results.append({"name": launch["name"],
+                        "constants": {jit.arg_names[path[0]]: value for path, value in constexprs.items()},
+                        "num_warps": options.num_warps, "num_stages": options.num_stages,
+                        "shared_bytes": kernel.metadata.shared, "registers": usage["REG"],
+                        "local_bytes": usage["LOCAL"] + usage["STACK"],
+                        "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg)|cp\.async\.bulk", ptx)),
+                        "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx))})
+    return results
+
+
+def _resource_usage(cubin, triton_dir):
+    """{REG, STACK, LOCAL, ...} of the one kernel in `cubin`, from `cuobjdump -res-usage`."""
+    cuobjdump = os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+    line = next(line for line in text.splitlines() if "REG:" in line)
+    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
+
+
+if __name__ == "__main__":
+    json.dump(_compile_all(json.load(sys.stdin)), sys.stdout)

@@ -1,0 +1,69 @@
+"""Every Triton kernel variant the fused paths launch at mar_base's head size compiles for an H100
+(sm_90) with the block configurations used there, within the device's shared memory and without
+register spills; checked on the CPU machine (see tests/sm90.py), so a CPU-only session learns
+about a kernel that would not build or would spill on the GPU before a GPU session runs it.
+"""
+import pytest
+import torch
+
+from marfast import DiffLoss
+from marfast.diffusion import GaussianDiffusion
+from marfast.fused_head import ddpm_sample_loop_fused, packed_head, release_fused_cache
+from marfast.kernels.linear_fused import interpreting
+
+from sm90 import H100_SHARED_BYTES, compile_for_h100, record_launches
+
+pytestmark = pytest.mark.skipif(not interpreting(), reason="records launches through the Triton CPU interpreter "
+                                                            "(TRITON_INTERPRET=1); on a GPU the kernels run for real")
+
+WIDTH, DEPTH, Z_CHANNELS, CHANNELS = 1024, 6, 768, 16  # mar_base's head
+
+
+def base_head(backend="triton"):
+    torch.manual_seed(0)
+    return DiffLoss(CHANNELS, Z_CHANNELS, DEPTH, WIDTH, num_sampling_steps="2", backend=backend).to(torch.bfloat16)
+
+
+def check_compiles(launches):
+    compiled = compile_for_h100(launches)
+    for kernel in compiled:
+        where = f"{kernel['name']} {kernel['constants']} warps={kernel['num_warps']} stages={kernel['num_stages']}"
+        assert kernel["shared_bytes"] <= H100_SHARED_BYTES, f"{where}: {kernel['shared_bytes']} bytes of shared memory"
+        assert kernel["local_bytes"] == 0, f"{where}: {kernel['local_bytes']} bytes of local memory (register spills)"
+        assert 0 < kernel["registers"] <= 255, where
+    return compiled
+
+
+@pytest.mark.parametrize("state_rows", [4, 2048], ids=["few_rows", "many_rows"])
+def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
+    """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
+    input projection, both block GEMMs (LN-modulate prologue at few rows, written once above
+    PROLOGUE_MAX_ROWS), the final layer with the DDPM step; every tuning candidate of each GEMM."""
+    head = base_head()
+    pack = packed_head(head.net)
+    pack.modulation_provider = "triton"
+    z = torch.randn(2 * state_rows, Z_CHANNELS, dtype=torch.bfloat16)
+    x = torch.randn(state_rows, CHANNELS).repeat(2, 1)
+    noise = torch.randn(2, state_rows, CHANNELS)
+    with record_launches(monkeypatch) as launches:
+        ddpm_sample_loop_fused(head.net, GaussianDiffusion(2), z, x, 1.0, 3.0, noise)
+    release_fused_cache(head.net)
+    names = {launch["name"] for launch in launches}
+    assert {"_linear_fused_kernel", "_adaln_input_kernel", "_final_layer_ddpm_step_kernel"} <= names
+    compiled = check_compiles(launches)
+    gemms = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
+    assert gemms and all(k["async_copies"] > 0 for k in gemms), "GEMM weight loads must be pipelined (cp.async)"
+
+
+def test_fused_training_kernels_compile_for_h100(monkeypatch):
+    """DiffLoss.forward and backward with the Triton backend (LayerNorm-modulate, gated residual,
+    SiLU backward kernels)."""
+    head = base_head()
+    rows = 64
+    target = torch.randn(rows, CHANNELS, dtype=torch.bfloat16)
+    z = torch.randn(rows, Z_CHANNELS, dtype=torch.bfloat16, requires_grad=True)
+    with record_launches(monkeypatch) as launches:
+        head(target, z).backward()
+    names = {launch["name"] for launch in launches}
+    assert any("bwd" in name or "backward" in name for name in names), names
+    check_compiles(launches)
