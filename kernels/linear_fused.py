@@ -20,10 +20,15 @@ optional epilogue side output:
 Accumulation is fp32; the dot inputs are the weight dtype (fp32, bf16 or fp16). fp32 dots follow
 torch's matmul precision setting (IEEE under "highest", TF32 otherwise), as cuBLAS does.
 
+split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
+output tile, each over a part of K; each stores its fp32 partial tile, and the last to arrive (an
+arrival counter per tile, release-acquire) sums the partials in split order and runs the epilogue.
+No program waits for another, so the Triton interpreter (programs one after another) runs it too.
+
 Launchers (the model layer calls only these): `linear`, `input_projection`,
 `linear_ln_modulate_silu`, `linear_gated_residual`. On CUDA each distinct (kernel variant, M, N, K,
-dtype) is tuned once over a few block configurations, timed with CUDA events, outside any CUDA
-graph capture; under the Triton interpreter one small configuration runs.
+dtype) is tuned once over a few block configurations (and K splits), timed with CUDA events,
+outside any CUDA graph capture; under the Triton interpreter one small configuration runs.
 """
 import os
 
@@ -145,26 +150,63 @@ def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr,
 
 
 @triton.jit
+def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
+                 SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(sum of the SPLIT_K partial tiles of `tile`, True in the program that arrived last).
+
+    Every program stores its fp32 partial tile, then counts its arrival on the tile's counter
+    (a CTA barrier first, then one release-acquire atomic: the partials of every thread are
+    visible to whichever program arrives last). The last one sums the partials in split order
+    (bitwise the same whichever split arrives last), reading them from L2, and resets the counter
+    to zero for the next launch; the other programs get a zero tile and False.
+    """
+    tile_elements: tl.constexpr = BLOCK_M * BLOCK_N
+    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tile_base = partials_ptr + tile.to(tl.int64) * (SPLIT_K * tile_elements)
+    tl.store(tile_base + split * tile_elements + offsets, acc)
+    tl.debug_barrier()
+    last = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+    readable = offsets < tile_elements * last.to(tl.int32)  # all of the tile in the last program, none elsewhere
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        total += tl.load(tile_base + s * tile_elements + offsets, mask=readable, other=0.0, cache_modifier=".cg")
+    tl.atomic_xchg(counters_ptr + tile, 0, mask=last, sem="relaxed")
+    return total, last
+
+
+@triton.jit
 def _linear_fused_kernel(
     a_ptr, weight_ptr, bias_ptr, out_ptr,
     stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
-    gate_ptr, residual_ptr, stats_out_ptr,
-    M, N, K, a_row_period,
+    gate_ptr, residual_ptr, stats_out_ptr, partials_ptr, counters_ptr,
+    M, N, K, a_row_period, k_split_len,
     stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm,
     stride_stats_in_m, stride_stats_out_m,
     ln_eps,
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
 
     A rows are read at (row % a_row_period) (the CFG input projection reuses the B state rows for
-    both halves); A, out, residual and the modulation views have unit column stride.
+    both halves); A, out, residual and the modulation views have unit column stride. SPLIT_K > 1:
+    SPLIT_K consecutive programs share one output tile, each over k_split_len of K (a multiple
+    of BLOCK_K); the last to finish sums their partial tiles (`_split_k_sum`) and applies the
+    epilogue, the others store nothing.
     """
     # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
     pid = tl.program_id(0)
+    if SPLIT_K > 1:
+        split = pid % SPLIT_K
+        pid = pid // SPLIT_K
+        k_begin = split * k_split_len
+        k_end = tl.minimum(K, k_begin + k_split_len)
+    else:
+        split = 0
+        k_begin = 0
+        k_end = K
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * tiles_n)
@@ -184,7 +226,7 @@ def _linear_fused_kernel(
                                           BLOCK_M, STATS_GROUP, STATS_CHUNK)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         if PROLOGUE != 0:
@@ -196,6 +238,9 @@ def _linear_fused_kernel(
         w = tl.load(weight_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
+    if SPLIT_K > 1:
+        acc, last = _split_k_sum(acc, partials_ptr, counters_ptr, pid, split, SPLIT_K, BLOCK_M, BLOCK_N)
+        row_ok = rows < M * last.to(tl.int32)  # no rows outside the last program: the others store nothing
 
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = acc + bias[None, :]
@@ -358,11 +403,58 @@ def _check_no_alias(out_name, out, in_name, inp):
         raise ValueError(f"{out_name} must not alias {in_name} (the launch must be repeatable)")
 
 
+SPLIT_K_MAX_ROWS = 64
+SPLIT_K_PROGRAMS = 128
+
+
+def _with_split_k(configs, M, N, K, gpu, has_workspace):
+    """Each configuration as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): unsplit,
+    and (with a split-K workspace, on a GPU, for at most SPLIT_K_MAX_ROWS rows, all but the
+    fallback) also split along K into enough parts that about SPLIT_K_PROGRAMS programs run. A
+    skinny GEMM has few output tiles (32 for N = 1024 in 32-column tiles): split, more SMs stream
+    its weights, each over fewer K steps; the tuner keeps whichever runs faster.
+    """
+    *tuned, fallback = configs
+    out = []
+    for bm, bn, bk, warps, stages in tuned:
+        out.append((bm, bn, bk, warps, stages, 1))
+        if gpu and has_workspace and M <= SPLIT_K_MAX_ROWS:
+            tiles, k_steps = triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, bk)
+            wanted = min(k_steps, triton.cdiv(SPLIT_K_PROGRAMS, tiles))
+            split = triton.cdiv(k_steps, triton.cdiv(k_steps, wanted))  # as many parts, none of them empty
+            if split > 1:
+                out.append((bm, bn, bk, warps, stages, split))
+    return out + [fallback + (1,)]
+
+
+class SplitKWorkspace:
+    """Scratch of split-K launches on one device: fp32 partial tiles and int32 per-tile arrival
+    counters, zero between launches (the last program of each tile resets its counter). Launches
+    sharing a workspace must run one after another on one stream. The buffers grow on demand,
+    never during CUDA graph capture (the tuner's eager launches size them first)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.partials = torch.empty(0, device=self.device, dtype=torch.float32)
+        self.counters = torch.zeros(0, device=self.device, dtype=torch.int32)
+
+    def reserve(self, partial_elements, tiles):
+        if self.partials.numel() >= partial_elements and self.counters.numel() >= tiles:
+            return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("SplitKWorkspace must be sized before CUDA graph capture; run the launch once eagerly")
+        self.partials = torch.empty(max(partial_elements, self.partials.numel()), device=self.device,
+                                    dtype=torch.float32)
+        self.counters = torch.zeros(max(tiles, self.counters.numel()), device=self.device, dtype=torch.int32)
+
+
 def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, stats_in=None, ln_weight=None,
             ln_bias=None, shift=None, scale=None, ln_eps=1e-6, epilogue=EPILOGUE_BIAS, gate=None, residual=None,
-            stats_out=None):
+            stats_out=None, split_k=None):
     M, N = out.shape
     K = weight.shape[1]
+    if split_k is not None and (not isinstance(split_k, SplitKWorkspace) or split_k.device != out.device):
+        raise ValueError(f"split_k must be a SplitKWorkspace on {out.device}, got {split_k!r}")
     mod = shift if shift is not None else gate
     dummy = out
     args = dict(
@@ -386,15 +478,23 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         return out
 
     def run(config):
-        block_m, block_n, block_k, warps, stages = config
-        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-        _linear_fused_kernel[grid](**args, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                   num_warps=warps, num_stages=stages)
+        block_m, block_n, block_k, warps, stages, split = config
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        k_split_len = triton.cdiv(triton.cdiv(K, block_k), split) * block_k
+        if split > 1:
+            split_k.reserve(tiles * split * block_m * block_n, tiles)
+        _linear_fused_kernel[(tiles * split,)](
+            **args, partials_ptr=split_k.partials if split > 1 else dummy,
+            counters_ptr=split_k.counters if split > 1 else dummy, k_split_len=k_split_len,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
 
+    gpu = gpu_configs(out.device)
+    configs = _candidate_configs(M, N, K, weight.element_size(), gpu,
+                                 epilogue == EPILOGUE_GATED_RESIDUAL or stats_out is not None)
+    configs = _with_split_k(configs, M, N, K, gpu, split_k is not None)
     key = (prologue, epilogue, stats_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
-           args["DOT_PRECISION"], str(out.device))
-    run(_tuned_config(key, _candidate_configs(M, N, K, weight.element_size(), gpu_configs(out.device),
-                                                  epilogue == EPILOGUE_GATED_RESIDUAL or stats_out is not None), run))
+           args["DOT_PRECISION"], str(out.device), split_k is not None)
+    run(_tuned_config(key, configs, run))
     return out
 
 
@@ -444,12 +544,15 @@ def input_projection(state, weight, bias, residual_out, stats_out):
     return _launch(state, weight, bias, residual_out, a_row_period=state.shape[0], stats_out=stats_out)
 
 
-def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, weight, bias, out, ln_eps=1e-6):
+def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, weight, bias, out, ln_eps=1e-6,
+                            split_k=None):
     """out = SiLU(modulate(LayerNorm(residual), shift, scale) @ weight^T + bias), one GEMM.
 
     residual: fp32 [M, K] with its group statistics `stats` (stats_shape(M, K)); ln_weight,
     ln_bias: float [K] (both None for a parameter-free LayerNorm); shift, scale: [M, K] views
-    sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. Returns out.
+    sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. split_k:
+    a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SPLIT_K_MAX_ROWS
+    rows, on CUDA). Returns out.
     """
     device, _, k = _check_linear(residual, weight, bias, out, (torch.float32,))
     rows = residual.shape[0]
@@ -473,17 +576,19 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
             shift, scale, modulated, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), modulated.stride(0),
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
             STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4)
-        return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU)
+        return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU, split_k=split_k)
     prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
     return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
-                   ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU)
+                   ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU,
+                   split_k=split_k)
 
 
-def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out):
+def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out, split_k=None):
     """residual_out = residual + gate * (hidden @ weight^T + bias), with LayerNorm group statistics.
 
     hidden: [M, K] float; weight [N, K]; gate: [M, N] view (modulation buffer); residual,
-    residual_out: fp32 [M, N], distinct buffers; stats_out: fp32 stats_shape(M, N). Returns residual_out.
+    residual_out: fp32 [M, N], distinct buffers; stats_out: fp32 stats_shape(M, N); split_k: as
+    in `linear_ln_modulate_silu`. Returns residual_out.
     """
     device, n, _ = _check_linear(hidden, weight, bias, residual_out)
     rows = hidden.shape[0]
@@ -493,4 +598,4 @@ def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, st
     _check_stats("stats_out", stats_out, rows, n, device)
     _check_no_alias("residual_out", residual_out, "residual", residual)
     return _launch(hidden, weight, bias, residual_out, epilogue=EPILOGUE_GATED_RESIDUAL, gate=gate,
-                   residual=residual, stats_out=stats_out)
+                   residual=residual, stats_out=stats_out, split_k=split_k)

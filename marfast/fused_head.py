@@ -20,7 +20,9 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    group statistics;
 3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +
    SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
-   writes the next LayerNorm's group statistics);
+   writes the next LayerNorm's group statistics); at up to 64 rows their tuner also tries K-split
+   configurations (the workspace's `SplitKWorkspace`): a [R, W] x [W, W] GEMM has only W / 32
+   output tiles, too few to stream its weights from every SM;
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
    learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
 
@@ -48,8 +50,8 @@ from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
 from .kernels.adaln_input import adaln_input
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
-from .kernels.linear_fused import (WEIGHT_DTYPES, input_projection, interpreting, linear, linear_gated_residual,
-                                   linear_ln_modulate_silu, stats_shape, time_launches)
+from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, input_projection, interpreting, linear,
+                                   linear_gated_residual, linear_ln_modulate_silu, stats_shape, time_launches)
 
 MAX_GRAPHS_PER_HEAD = 8
 MIN_BUCKET_ROWS = 16
@@ -207,6 +209,7 @@ class _Workspace:
         self.residuals = [torch.empty(net_rows, width, **f32) for _ in range(2)]
         self.hidden = torch.empty(net_rows, width, **low)
         self.stats = torch.empty(stats_shape(net_rows, width), **f32)
+        self.split_k = SplitKWorkspace(pack.device)
 
     def modulate_steps(self, pack, time_embeddings, lo, hi):
         """Fill modulation[: hi - lo + 1] with the modulations of steps lo..hi (one GEMM)."""
@@ -284,10 +287,10 @@ def _launch_loop(pack, ws, diffusion, clip):
                 base = 3 * width * i
                 linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
                                         mod[:, base:base + width], mod[:, base + width:base + 2 * width],
-                                        block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps)
+                                        block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps, ws.split_k)
                 linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias,
                                       mod[:, base + 2 * width:base + 3 * width], ws.residuals[res],
-                                      ws.residuals[1 - res], ws.stats)
+                                      ws.residuals[1 - res], ws.stats, ws.split_k)
                 res = 1 - res
             base = 3 * width * depth
             final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width],

@@ -60,7 +60,8 @@ def _describe(value):
 
 def compile_for_h100(launches):
     """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
-    name, constants, num_warps, num_stages, shared_bytes, registers, local_bytes, async_copies."""
+    name, constants, num_warps, num_stages, shared_bytes, registers, local_bytes, and counts of PTX
+    instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads (ld.global.cg)."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -106,7 +107,9 @@ def _compile_all(launches):
                         "shared_bytes": kernel.metadata.shared, "registers": usage["REG"],
                         "local_bytes": usage["LOCAL"] + usage["STACK"],
                         "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg)|cp\.async\.bulk", ptx)),
-                        "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx))})
+                        "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+                        "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
+                        "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx))})
     return results
 
 

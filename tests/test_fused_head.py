@@ -158,6 +158,62 @@ def test_linear_gated_residual_matches_float64(rows, k, width):
     assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-3)
 
 
+def force_split_k(monkeypatch, block_m=16, block_n=32, block_k=16, split=3):
+    """Make every GEMM launch that gets a SplitKWorkspace run this one K-split configuration."""
+    def configs(configs, M, N, K, gpu, has_workspace):
+        return [(block_m, block_n, block_k, 4, 1, split if has_workspace else 1)]
+
+    monkeypatch.setattr(linear_fused, "_with_split_k", configs)
+
+
+@pytest.mark.parametrize("rows,k,width,split", [(7, 72, 40, 3), (33, 40, 72, 2), (1, 72, 40, 5)])
+def test_split_k_gemms_match_float64_and_are_deterministic(rows, k, width, split, monkeypatch):
+    """K split over `split` programs per output tile (K = 72 in 16-deep steps: parts of 32, 32, 8
+    for split 3); the last program to arrive sums the partial tiles in split order, so reruns are
+    bitwise equal, and leaves every arrival counter at zero for the next launch."""
+    force_split_k(monkeypatch, split=split)
+    torch.manual_seed(rows + k + split)
+    workspace = linear_fused.SplitKWorkspace(DEVICE)
+    h, w, b = torch.randn(rows, k), torch.randn(width, k), torch.randn(width)
+    gate, residual = torch.randn(rows, 2 * width).to(DEVICE)[:, width:], torch.randn(rows, width)
+    outs = []
+    for _ in range(2):
+        out, stats = poisoned(rows, width), poisoned(*stats_shape(rows, width))
+        linear_gated_residual(*on_device(h, w, b), gate, *on_device(residual), out, stats, workspace)
+        outs.append(out)
+    expected = residual.double() + gate.double() * (h.double() @ w.double().T + b.double())
+    assert_close64(outs[0], expected, rtol=1e-5, atol=1e-4)
+    assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-3)
+    assert torch.equal(outs[0], outs[1])
+    assert workspace.counters.numel() > 0 and not workspace.counters.any()
+
+    x = torch.randn(rows, k) * 2 + 1
+    modulation = torch.randn(rows, 2 * k).to(DEVICE)
+    ln_w, ln_b = 1 + 0.1 * torch.randn(k), 0.1 * torch.randn(k)
+    out = poisoned(rows, width)
+    linear_ln_modulate_silu(*on_device(x, group_stats64(x.double()).float(), ln_w, ln_b), modulation[:, :k],
+                            modulation[:, k:], *on_device(w, b), out, split_k=workspace)
+    h64 = modulate_ln64(x.double(), modulation[:, :k].double().cpu(), modulation[:, k:].double().cpu(),
+                        ln_w.double(), ln_b.double())
+    assert_close64(out, F.silu(h64 @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
+    assert not workspace.counters.any()
+
+
+def test_fused_loop_with_split_k_gemms_matches_reference(monkeypatch):
+    force_split_k(monkeypatch, block_k=16, split=2)
+    net = make_net(40, 2, seed=9)
+    fused, reference = run_both_packed(net, 3, 7, 2.0)
+    assert relative_error(fused[:7], reference[:7]) < 1e-5
+
+
+def test_split_k_workspace_is_checked():
+    x, w, b, gate, out = on_device(torch.randn(4, 40), torch.randn(40, 40), torch.randn(40), torch.randn(4, 40),
+                                   torch.empty(4, 40))
+    stats = torch.zeros(stats_shape(4, 40), device=DEVICE)
+    with pytest.raises(ValueError, match="split_k must be a SplitKWorkspace"):
+        linear_gated_residual(x, w, b, gate, out.clone(), out, stats, split_k=object())
+
+
 def test_launchers_reject_bad_input():
     x, w, b, gate, out = on_device(torch.randn(4, 40), torch.randn(40, 40), torch.randn(40), torch.randn(4, 40),
                                    torch.empty(4, 40))
@@ -250,6 +306,18 @@ def run_both(net, steps, state_rows, cfg, temperature, clip, seed=0, net64=None,
     return fused, reference.cpu()
 
 
+def run_both_packed(net, steps, state_rows, cfg, **pack_settings):
+    """`run_both` (temperature 1, no clip) with these attributes set on the net's packed head
+    (e.g. modulation_provider), which is released afterwards."""
+    pack = packed_head(net)
+    for name, value in pack_settings.items():
+        setattr(pack, name, value)
+    try:
+        return run_both(net, steps, state_rows, cfg, 1.0, None)
+    finally:
+        release_fused_cache(net)
+
+
 def relative_error(actual, expected):
     return ((actual.double().cpu() - expected).abs().max() / (expected.abs().max() + 1)).item()
 
@@ -275,11 +343,7 @@ def test_fused_loop_matches_reference_with_either_modulation_gemm(provider):
     """The adaLN modulation GEMM through the Triton `linear` launcher or torch.addmm ("auto" picks
     by measured time on CUDA and torch.addmm elsewhere)."""
     net = make_net(40, 2, seed=11)
-    packed_head(net).modulation_provider = provider
-    try:
-        fused, reference = run_both(net, 3, 7, 2.0, 1.0, None)
-    finally:
-        release_fused_cache(net)
+    fused, reference = run_both_packed(net, 3, 7, 2.0, modulation_provider=provider)
     assert relative_error(fused[:7], reference[:7]) < 1e-5
     packed_head(net).modulation_provider = "fastest"
     with pytest.raises(ValueError, match="modulation_provider must be one of"):
@@ -381,11 +445,7 @@ def test_fused_loop_step_batched_modulations(gemm_rows, steps_per_gemm, monkeypa
 
     monkeypatch.setattr(fused_head, "modulation_gemm", counting)
     net = make_net(40, 2, seed=5)
-    packed_head(net).modulation_gemm_rows = gemm_rows
-    try:
-        fused, reference = run_both(net, 5, 7, 2.0, 1.0, None)
-    finally:
-        release_fused_cache(net)
+    fused, reference = run_both_packed(net, 5, 7, 2.0, modulation_gemm_rows=gemm_rows)
     expected_rows = [14 * (hi - lo + 1) for lo, hi in modulation_chunks(5, steps_per_gemm)]
     assert calls == expected_rows and max(calls) == 14 * steps_per_gemm
     assert relative_error(fused[:7], reference[:7]) < 1e-5
@@ -512,3 +572,38 @@ def test_gpu_diffloss_sample_backends_agree_in_bf16():
     assert fused.shape == (128, 16) and torch.equal(fused[64:], fused[:64])
     assert relative_error(fused[:64], reference[:64]) <= max(2 * relative_error(eager[:64], reference[:64]),
                                                               GPU_TOLERANCE[torch.float32])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_gpu_split_k_gemm_matches_unsplit_and_reruns_bitwise(split, monkeypatch):
+    """mar_base's block GEMM at 32 rows in bf16 on the device: split along K, the gated-residual
+    GEMM equals the unsplit one up to fp32 summation order, 50 reruns are bitwise equal (the
+    release-acquire handoff of the partial tiles holds under real concurrency) and every arrival
+    counter is back at zero."""
+    rows, width = 32, 1024
+    gen = torch.Generator(device="cuda").manual_seed(split)
+    h = torch.randn(rows, width, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(width, width, device="cuda", generator=gen) / 32).bfloat16()
+    b = torch.randn(width, device="cuda", generator=gen)
+    gate = torch.randn(rows, 3 * width, device="cuda", generator=gen).bfloat16()[:, 2 * width:]
+    residual = torch.randn(rows, width, device="cuda", generator=gen)
+
+    def run(parts, workspace):
+        monkeypatch.setattr(linear_fused, "_with_split_k",
+                            lambda configs, M, N, K, gpu, has_workspace: [(32, 32, 128, 4, 4, parts)])
+        out = torch.full((rows, width), float("nan"), device="cuda")
+        stats = torch.full(stats_shape(rows, width), float("nan"), device="cuda")
+        linear_gated_residual(h, w, b, gate, residual, out, stats, workspace)
+        return out, stats
+
+    workspace = linear_fused.SplitKWorkspace("cuda")
+    unsplit, unsplit_stats = run(1, None)
+    first, first_stats = run(split, workspace)
+    torch.testing.assert_close(first, unsplit, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(first_stats, unsplit_stats, rtol=1e-4, atol=1e-3)
+    for _ in range(50):
+        again, again_stats = run(split, workspace)
+        assert torch.equal(again, first) and torch.equal(again_stats, first_stats)
+    assert not workspace.counters.any()

@@ -38,7 +38,8 @@ def check_compiles(launches):
 def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
     input projection, both block GEMMs (LN-modulate prologue at few rows, written once above
-    PROLOGUE_MAX_ROWS), the final layer with the DDPM step; every tuning candidate of each GEMM."""
+    PROLOGUE_MAX_ROWS; also split along K at few rows), the final layer with the DDPM step; every
+    tuning candidate of each GEMM."""
     head = base_head()
     pack = packed_head(head.net)
     pack.modulation_provider = "triton"
@@ -53,6 +54,10 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     compiled = check_compiles(launches)
     gemms = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
     assert gemms and all(k["async_copies"] > 0 for k in gemms), "GEMM weight loads must be pipelined (cp.async)"
+    split = [k for k in gemms if k["constants"]["SPLIT_K"] > 1]
+    assert bool(split) == (state_rows == 4), "K-split candidates are tried for the block GEMMs at few rows only"
+    for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
+        assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
