@@ -434,9 +434,9 @@ class SplitKWorkspace:
     never during CUDA graph capture (the tuner's eager launches size them first)."""
 
     def __init__(self, device):
-        self.device = torch.device(device)
-        self.partials = torch.empty(0, device=self.device, dtype=torch.float32)
-        self.counters = torch.zeros(0, device=self.device, dtype=torch.int32)
+        self.partials = torch.empty(0, device=device, dtype=torch.float32)
+        self.counters = torch.zeros(0, device=device, dtype=torch.int32)
+        self.device = self.partials.device  # "cuda" resolves to the current device, as tensors' devices do
 
     def reserve(self, partial_elements, tiles):
         if self.partials.numel() >= partial_elements and self.counters.numel() >= tiles:

@@ -14,7 +14,7 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    enough steps that the GEMM has about `MODULATION_GEMM_ROWS` rows. The modulation weights are most
    of the head's weight bytes (20 of 32 W^2 at depth 6), and at a few rows a GEMM reads its weights
    in the same time whatever its row count up to a few hundred, so at 16 rows the loop streams them
-   once per 64 steps instead of once per step; at thousands of rows K = 1 (the GEMM is compute bound
+   once per 50 steps (two GEMMs for 100 steps) instead of once per step; at thousands of rows K = 1 (the GEMM is compute bound
    either way, and the buffer stays one step's size);
 2. `input_projection` (Triton): residual = x_t @ W_in^T + b (fp32 [R, W]) plus its LayerNorm
    group statistics;
@@ -26,9 +26,9 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
    learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
 
-On CUDA the loop (including cond_embed and the modulation GEMMs) is captured once per (bucketed row count, CFG on/off,
-clip on/off, number of steps) as a CUDA graph and replayed: no host synchronisation and no Python
-work per step. The first call for a bucket runs the loop eagerly (compiling and tuning the
+On CUDA the loop (cond_embed and the modulation GEMMs included) is captured once per (bucketed
+row count, CFG on/off, clip on/off, number of steps) as a CUDA graph and replayed: no host
+synchronisation and no Python work per step. The first call for a bucket runs the loop eagerly (compiling and tuning the
 kernels; its result is returned) and then captures. Under the Triton CPU interpreter the loop
 runs eagerly through the same launchers.
 
