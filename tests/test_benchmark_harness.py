@@ -171,13 +171,19 @@ def test_attention_backend_is_reported_or_its_absence_named(monkeypatch):
     assert machine.attention_backend() == machine.ATTENTION_MODULE_ABSENT
 
 
+def matmul_case_session(max_rounds):
+    """(CPU BenchSession with a synthetic roofline, a [64, 64] matrix, the Work of a @ a)."""
+    session = harness.BenchSession(torch.device("cpu"), harness.Budget(None), target_s=60.0, max_rounds=max_rounds,
+                                   quick=False)
+    session._roofline = harness.Roofline("cpu", 1.0, "float32", 64, 1.0, 64, 1, "synthetic")
+    work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
+    return session, torch.randn(64, 64), work
+
+
 @pytest.mark.benchmark(timer=harness.device_clock)
 def test_pytest_benchmark_records_device_clock_times(benchmark):
     """The stats pytest-benchmark keeps are the times DeviceClock measured, round by round."""
-    session = harness.BenchSession(torch.device("cpu"), harness.Budget(None), target_s=60.0, max_rounds=4, quick=False)
-    session._roofline = harness.Roofline("cpu", 1.0, "float32", 64, 1.0, 64, 1, "synthetic")
-    a = torch.randn(64, 64)
-    work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
+    session, a, work = matmul_case_session(max_rounds=4)
     info = session.run_case(benchmark, case="matmul", case_key="matmul/64", provider=harness.REFERENCE,
                             fn=lambda: a @ a, work=work, params={"n": 64}, warmup_calls=1)
     rounds = 4 if benchmark.enabled else 1  # --benchmark-disable runs the target once
@@ -193,10 +199,7 @@ def test_pytest_benchmark_records_device_clock_times(benchmark):
 @pytest.mark.benchmark(timer=harness.device_clock)
 def test_a_case_can_name_its_own_reference_provider(benchmark):
     """Speedups divide the named provider's median; timed within the case, it is kept under that name."""
-    session = harness.BenchSession(torch.device("cpu"), harness.Budget(None), target_s=60.0, max_rounds=3, quick=False)
-    session._roofline = harness.Roofline("cpu", 1.0, "float32", 64, 1.0, 64, 1, "synthetic")
-    a = torch.randn(64, 64)
-    work = harness.Work(flops=2 * 64**3, bytes_min=3 * 64 * 64 * 4, items=1, unit="calls/s")
+    session, a, work = matmul_case_session(max_rounds=3)
     info = session.run_case(benchmark, case="pair", case_key="pair/64", provider="transformer_reference",
                             fn=lambda: a @ a @ a, work=work, params={"n": 64}, warmup_calls=1,
                             reference_fn=lambda: a @ a, reference_warmup_calls=1, reference_provider="mlp_reference")
