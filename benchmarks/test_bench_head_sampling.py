@@ -12,12 +12,19 @@ Providers, timed side by side in one run (reference first, so that the others' s
 - torch_compile: the same loop (`ddpm_sample_loop_reference`) with `torch.compile(net, dynamic=True)`
   (default mode; one compilation per head size, excluded from the timings: it happens in warm-up);
 - marfast_fused: `DiffLoss(backend="triton").sample`, skipped with the reason when the fused path is
-  not present.
+  not present;
+- marfast_fused_no_pdl (GPU, 64 rows or fewer, where the gaps between kernels matter most): the
+  same with MARFAST_PDL=0, i.e. without programmatic dependent launch.
 """
+import contextlib
+import os
+
 import pytest
 import torch
 
 from marfast.diffloss import ddpm_sample_loop_reference
+
+from marfast.kernels.linear_fused import PDL_ENV
 
 from .harness import COMPILE, PROVIDER_ORDER, REFERENCE, Work, head_sampling_work
 from .models import (DDPM_STEPS, RELEASED_HEADS, TINY_HEAD, build_head, fused_copy_or_reason,
@@ -27,6 +34,8 @@ CFG = 3.0
 ON_GPU = torch.cuda.is_available()
 GPU_ROWS = (8, 64, 512, 4096, 16384)
 QUICK = {("6x1024", 8), ("6x1024", 4096), ("12x1536", 4096)}
+FUSED_NO_PDL = "marfast_fused_no_pdl"
+NO_PDL_MAX_ROWS = 64
 
 
 def _cases():
@@ -37,7 +46,8 @@ def _cases():
     for spec in RELEASED_HEADS:
         for rows in GPU_ROWS:
             marks = () if (spec.name, rows) in QUICK else (pytest.mark.bench_extended,)
-            for provider in PROVIDER_ORDER:
+            providers = PROVIDER_ORDER + ((FUSED_NO_PDL,) if rows <= NO_PDL_MAX_ROWS else ())
+            for provider in providers:
                 cases.append(pytest.param(spec, rows, provider, marks=marks, id=f"{spec.name}-rows{rows}-{provider}"))
     return cases
 
@@ -73,6 +83,19 @@ def _sample_with_net(head, net, z, cfg):
     return ddpm_sample_loop_reference(net, head.gen_diffusion, z, x, 1.0, cfg, draw_noise)
 
 
+@contextlib.contextmanager
+def _pdl_off():
+    previous = os.environ.get(PDL_ENV)
+    os.environ[PDL_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[PDL_ENV]
+        else:
+            os.environ[PDL_ENV] = previous
+
+
 @pytest.mark.parametrize("spec, rows, provider", _cases())
 @torch.no_grad()
 def test_head_sample(benchmark, bench, spec, rows, provider):
@@ -98,7 +121,14 @@ def test_head_sample(benchmark, bench, spec, rows, provider):
         fused, reason = _fused_head(bench, spec)
         if fused is None:
             pytest.skip(reason)
-        fn, detail = (lambda: fused.sample(z, temperature=1.0, cfg=CFG)), "DiffLoss(backend='triton').sample"
+        pdl = _pdl_off if provider == FUSED_NO_PDL else contextlib.nullcontext
+
+        def fn():
+            with pdl():
+                return fused.sample(z, temperature=1.0, cfg=CFG)
+
+        detail = "DiffLoss(backend='triton').sample" + (
+            f" with {PDL_ENV}=0 (no programmatic dependent launch)" if provider == FUSED_NO_PDL else "")
 
     weight_bytes = torch.finfo(dtype).bits // 8
     flops, bytes_min = head_sampling_work(reference.net, rows, DDPM_STEPS, weight_bytes)

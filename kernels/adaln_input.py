@@ -14,14 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import WEIGHT_DTYPES, _check_matrix, gpu_configs, interpreting
+from .linear_fused import (WEIGHT_DTYPES, _check_matrix, gpu_configs, interpreting, programmatic_launch,
+                           wait_for_previous_grid)
 
 
 @triton.jit
 def _adaln_input_kernel(time_ptr, cond_ptr, out_ptr, rows, width,
                         stride_time_k, stride_cond_r, stride_out_k, stride_out_r,
-                        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, PDL: tl.constexpr):
     """Program (i, j, k) writes rows [i * BLOCK_R, ...) x columns [j * BLOCK_W, ...) of step k."""
+    wait_for_previous_grid(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     k = tl.program_id(2).to(tl.int64)
@@ -61,5 +63,5 @@ def adaln_input(time, cond, out):
     block_r, block_w = (16, 256) if gpu_configs(device) else (16, min(64, triton.next_power_of_2(width)))
     _adaln_input_kernel[(triton.cdiv(rows, block_r), triton.cdiv(width, block_w), steps)](
         time, cond, out, rows, width, time.stride(0), cond.stride(0), out.stride(0), out.stride(1),
-        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
+        BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4, **programmatic_launch(device))
     return out

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .linear_fused import (STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats, _check_vector,
-                           _ln_modulate_tile, _row_layernorm_stats, dot_precision, gpu_configs, interpreting)
+                           _ln_modulate_tile, _row_layernorm_stats, dot_precision, gpu_configs, interpreting,
+                           programmatic_launch, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 
@@ -36,9 +37,10 @@ def _final_layer_ddpm_step_kernel(
     log_beta, posterior_log_variance_clipped, ln_eps,
     USE_CFG: tl.constexpr, ADD_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[B, C] = x_{t-1} from state x_t [B, C], the last residual h and the final layer; see module doc."""
+    wait_for_previous_grid(PDL)
     pid = tl.program_id(0)
     cond_rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = cond_rows < rows
@@ -167,6 +169,6 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         **coefficients, ln_eps=float(ln_eps),
         USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
         DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-        STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=warps, num_stages=2,
+        STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=warps, num_stages=2, **programmatic_launch(device),
     )
     return out

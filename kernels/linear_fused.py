@@ -20,6 +20,11 @@ optional epilogue side output:
 Accumulation is fp32; the dot inputs are the weight dtype (fp32, bf16 or fp16). fp32 dots follow
 torch's matmul precision setting (IEEE under "highest", TF32 otherwise), as cuBLAS does.
 
+programmatic dependent launch (PDL constexpr, `programmatic_launch(device)`: CUDA sm_90+, unless
+MARFAST_PDL=0): the kernel is launched with `launch_pdl` and starts with `wait_for_previous_grid`,
+so its blocks can be scheduled while the previous kernel on the stream drains (hiding the launch
+gap between the ~14 kernels of each DDPM step) and touch memory only once that kernel is done.
+
 split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
 output tile, each over a part of K; each stores its fp32 partial tile, and the last to arrive (an
 arrival counter per tile, release-acquire) sums the partials in split order and runs the epilogue.
@@ -56,6 +61,8 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tiles would be re-read by every column tile of the GEMM (4x a plain GEMM's A traffic, without
 # asynchronous copies). The dot inputs are identical either way.
 PROLOGUE_MAX_ROWS = 64
+
+PDL_ENV = "MARFAST_PDL"
 
 
 @triton.jit
@@ -135,8 +142,9 @@ def _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd,
 def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr, out_ptr,
                         M, K, stride_xm, stride_stats_m, stride_mod_m, stride_om, ln_eps,
                         AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                        STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr):
+                        STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, PDL: tl.constexpr):
     """out[M, K] = the LN_MODULATE prologue of A, stored once in out's dtype (the weight dtype)."""
+    wait_for_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -147,6 +155,17 @@ def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr,
                           shift_ptr, scale_ptr, stride_mod_m, AFFINE)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def wait_for_previous_grid(PDL: tl.constexpr):
+    """With PDL: wait until the previous kernel on the stream has finished and its writes are
+    visible, then let the next kernel's blocks launch (they wait in turn). Call it before any
+    global memory access. Without PDL (and under the interpreter, which has no grid dependency
+    control) it does nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -186,7 +205,7 @@ def _linear_fused_kernel(
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
 
@@ -196,6 +215,7 @@ def _linear_fused_kernel(
     of BLOCK_K); the last to finish sums their partial tiles (`_split_k_sum`) and applies the
     epilogue, the others store nothing.
     """
+    wait_for_previous_grid(PDL)
     # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
     pid = tl.program_id(0)
     if SPLIT_K > 1:
@@ -267,6 +287,18 @@ def gpu_configs(device):
     """True when launches on `device` use the GPU block configurations (CUDA); False: the small
     configurations the Triton CPU interpreter runs quickly."""
     return device.type == "cuda"
+
+
+def programmatic_launch(device):
+    """Launch options {PDL, launch_pdl} for kernels on `device` (pass both: a kernel launched with
+    launch_pdl must start with `wait_for_previous_grid`). On for CUDA devices of compute
+    capability 9.0 or newer (Hopper's grid dependency control) unless MARFAST_PDL=0; results are
+    the same either way, only the gaps between kernels change."""
+    setting = os.environ.get(PDL_ENV, "1")
+    if setting not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 or 1, got {setting!r}")
+    on = setting == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return {"PDL": on, "launch_pdl": on}
 
 
 def dot_precision(weight_dtype):
@@ -473,6 +505,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         ln_eps=float(ln_eps),
         PROLOGUE=prologue, EPILOGUE=epilogue, WRITE_STATS=stats_out is not None,
         DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_M, STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK,
+        **programmatic_launch(out.device),
     )
     if M == 0 or N == 0:
         return out
@@ -575,7 +608,7 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
             residual, stats, residual if ln_weight is None else ln_weight, residual if ln_bias is None else ln_bias,
             shift, scale, modulated, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), modulated.stride(0),
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4)
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4, **programmatic_launch(device))
         return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU, split_k=split_k)
     prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
     return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,

@@ -5,10 +5,10 @@ CPU interpreter with every kernel launch recorded instead of executed (the launc
 configurations switched on, every tuning candidate launched once); `compile_for_h100(launches)`
 compiles the distinct recorded launches exactly as the runtime would on the device (the same
 argument specialisation: 16-byte alignment of pointers, integers divisible by 16 or equal to 1)
-and returns each compiled kernel's resource use: shared memory, registers, local memory (register
-spills) and whether its PTX holds asynchronous copies. Compilation runs in a child process
-without TRITON_INTERPRET (under the interpreter Triton's own library functions are interpreted
-and cannot be compiled).
+and returns each compiled kernel's resource use (shared memory, registers, local memory: register
+spills) and facts about its PTX (asynchronous copies, atomics, grid dependency control).
+Compilation runs in a child process without TRITON_INTERPRET (under the interpreter Triton's own
+library functions are interpreted and cannot be compiled).
 
 The GPU machine runs another Triton release (3.6) than this one: a kernel that compiles here is
 very likely, not certainly, to compile there; the GPU suite is the final word.
@@ -44,6 +44,7 @@ def record_launches(monkeypatch):
     monkeypatch.setattr(InterpretedFunction, "run", record)
     for module in (linear_fused, ddpm_step, adaln_input):
         monkeypatch.setattr(module, "gpu_configs", lambda device: True)
+        monkeypatch.setattr(module, "programmatic_launch", lambda device: {"PDL": True, "launch_pdl": True})
     monkeypatch.setattr(linear_fused, "_TUNED", {})
     monkeypatch.setattr(linear_fused, "time_launches", lambda run, repeats=1: (run(), 1.0)[1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds have no CUDA runtime
@@ -60,8 +61,10 @@ def _describe(value):
 
 def compile_for_h100(launches):
     """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
-    name, constants, num_warps, num_stages, shared_bytes, registers, local_bytes, and counts of PTX
-    instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads (ld.global.cg)."""
+    name, constants, num_warps, num_stages, launch_pdl, shared_bytes, registers, local_bytes, counts
+    of PTX instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads
+    (ld.global.cg), grid_dependency_waits, launch_dependents; and memory_before_wait: whether any
+    global memory access precedes the first griddepcontrol.wait in the PTX."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -104,13 +107,27 @@ def _compile_all(launches):
         results.append({"name": launch["name"],
                         "constants": {jit.arg_names[path[0]]: value for path, value in constexprs.items()},
                         "num_warps": options.num_warps, "num_stages": options.num_stages,
+                        "launch_pdl": options.launch_pdl,
                         "shared_bytes": kernel.metadata.shared, "registers": usage["REG"],
                         "local_bytes": usage["LOCAL"] + usage["STACK"],
                         "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg)|cp\.async\.bulk", ptx)),
                         "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx)),
                         "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
-                        "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx))})
+                        "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx)),
+                        "grid_dependency_waits": len(re.findall(r"\bgriddepcontrol\.wait\b", ptx)),
+                        "launch_dependents": len(re.findall(r"\bgriddepcontrol\.launch_dependents\b", ptx)),
+                        "memory_before_wait": _memory_before_wait(ptx)})
     return results
+
+
+GLOBAL_MEMORY_PTX = re.compile(r"\b(?:ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
+
+
+def _memory_before_wait(ptx):
+    """True when a global load, store, atomic or async copy comes before the first
+    griddepcontrol.wait (or when there is no wait at all)."""
+    wait = re.search(r"\bgriddepcontrol\.wait\b", ptx)
+    return wait is None or GLOBAL_MEMORY_PTX.search(ptx, 0, wait.start()) is not None
 
 
 def _resource_usage(cubin, triton_dir):

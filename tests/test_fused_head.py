@@ -214,6 +214,17 @@ def test_split_k_workspace_is_checked():
         linear_gated_residual(x, w, b, gate, out.clone(), out, stats, split_k=object())
 
 
+def test_programmatic_launch_setting(monkeypatch):
+    """PDL is a CUDA sm_90+ launch option; MARFAST_PDL=0 turns it off before any device query, and
+    any other value than 0 or 1 is an error."""
+    assert linear_fused.programmatic_launch(torch.device("cpu")) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setenv(linear_fused.PDL_ENV, "0")
+    assert linear_fused.programmatic_launch(torch.device("cuda")) == {"PDL": False, "launch_pdl": False}
+    monkeypatch.setenv(linear_fused.PDL_ENV, "yes")
+    with pytest.raises(ValueError, match="MARFAST_PDL must be 0 or 1"):
+        linear_fused.programmatic_launch(torch.device("cpu"))
+
+
 def test_launchers_reject_bad_input():
     x, w, b, gate, out = on_device(torch.randn(4, 40), torch.randn(40, 40), torch.randn(40), torch.randn(4, 40),
                                    torch.empty(4, 40))
@@ -607,3 +618,33 @@ def test_gpu_split_k_gemm_matches_unsplit_and_reruns_bitwise(split, monkeypatch)
         again, again_stats = run(split, workspace)
         assert torch.equal(again, first) and torch.equal(again_stats, first_stats)
     assert not workspace.counters.any()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("state_rows", [4, 300])
+def test_gpu_programmatic_launch_changes_no_result(state_rows, monkeypatch):
+    """mar_base's head in bf16: the loop launched with PDL (the default on sm_90+) equals the loop
+    without it bitwise, eagerly and in 20 graph replays (a kernel reading its predecessor's
+    output before the grid dependency wait would show up as a difference)."""
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=3, dtype=torch.bfloat16, device="cuda")
+    diffusion = GaussianDiffusion(20)
+    gen = torch.Generator(device="cuda").manual_seed(state_rows)
+    z = torch.randn(2 * state_rows, z_channels, device="cuda", generator=gen)
+    x = torch.randn(state_rows, 16, device="cuda", generator=gen).repeat(2, 1)
+    noise = torch.randn(20, state_rows, 16, device="cuda", generator=gen)
+
+    def sample(pdl, **kwargs):
+        monkeypatch.setenv(linear_fused.PDL_ENV, pdl)
+        release_fused_cache(net)
+        return ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.5, noise, GPU_CLIP, **kwargs)
+
+    with_pdl = linear_fused.programmatic_launch(torch.device("cuda"))["PDL"]
+    assert with_pdl == (torch.cuda.get_device_capability()[0] >= 9)
+    assert torch.equal(sample("1", use_cuda_graph=False), sample("0", use_cuda_graph=False))
+    without = sample("0")
+    first = sample("1")
+    assert torch.equal(first, without)
+    for _ in range(20):
+        assert torch.equal(ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 2.5, noise, GPU_CLIP), first)

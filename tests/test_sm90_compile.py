@@ -39,7 +39,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
     input projection, both block GEMMs (LN-modulate prologue at few rows, written once above
     PROLOGUE_MAX_ROWS; also split along K at few rows), the final layer with the DDPM step; every
-    tuning candidate of each GEMM."""
+    tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel
+    before its first global memory access."""
     head = base_head()
     pack = packed_head(head.net)
     pack.modulation_provider = "triton"
@@ -58,6 +59,11 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     assert bool(split) == (state_rows == 4), "K-split candidates are tried for the block GEMMs at few rows only"
     for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
+    for kernel in compiled:  # programmatic dependent launch: no memory access before the grid dependency wait
+        where = f"{kernel['name']} {kernel['constants']}"
+        assert kernel["launch_pdl"] and kernel["constants"]["PDL"], where
+        assert kernel["grid_dependency_waits"] >= 1 and kernel["launch_dependents"] >= 1, where
+        assert not kernel["memory_before_wait"], f"{where}: global memory accessed before griddepcontrol.wait"
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
