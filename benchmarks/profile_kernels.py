@@ -48,6 +48,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from marfast.mar import set_norm_backend
 from marfast.sampler import CUDA_GRAPHS_ENV_VAR, cuda_graphs_requested
 
 from .harness import head_sampling_work, head_weight_split, mar_sampling_bytes, measure_roofline
@@ -170,6 +171,7 @@ def build_mar_case(args, device):
     else:
         model.diffloss.backend = "torch"
         description = "MAR.sample_tokens (reference loop)"
+    set_norm_backend(model, "auto" if fused else "torch")
 
     def sample():
         kwargs = dict(bsz=args.batch, num_iter=num_iter, cfg=cfg, cfg_schedule="linear", labels=labels,
@@ -190,7 +192,8 @@ def build_mar_case(args, device):
               "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0,
               "precision": "bf16 autocast, fp32 transformer weights, bf16 head weights" if on_gpu else "fp32",
               "provider": args.provider,
-              "call": f"{description}, DiffLoss backend {model.diffloss.backend!r}",
+              "call": f"{description}, DiffLoss backend {model.diffloss.backend!r}, "
+                      f"norm backend {model.encoder_blocks[0].norm_backend!r}",
               "marfast_cuda_graphs_env": os.environ.get(CUDA_GRAPHS_ENV_VAR, "unset")}
 
     def extra(wall_s):

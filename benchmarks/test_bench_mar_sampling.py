@@ -19,17 +19,21 @@ fit the session budget (--bench-budget-s) are skipped with their estimated cost;
 of their own with -k (e.g. -k "test_mar_sample_tokens and mar_huge").
 
 Providers, side by side in one run (reference first):
-- reference_eager: `MAR.sample_tokens`, the reference loop, with the reference head (backend "torch");
-- marfast_fused_head: the same reference loop with the fused head (`DiffLoss` backend "triton"),
-  skipped when the fused sampling path is not present;
+- reference_eager: `MAR.sample_tokens`, the reference loop, with the reference head (backend "torch")
+  and the blocks' torch LayerNorms (norm backend "torch");
+- marfast_fused_head: the same reference loop and LayerNorms with the fused head (`DiffLoss` backend
+  "triton"), skipped when the fused sampling path is not present;
 - marfast_fused: the fast sampling loop (`MAR.sample_tokens_fast` or `marfast.sampler.sample_tokens_fast`)
-  with the head backend "auto", skipped when no fast loop exists.
+  with the head backend "auto" and the norm backend "auto" (the fused add + LayerNorm on CUDA),
+  skipped when no fast loop exists.
 """
 import contextlib
 import time
 
 import pytest
 import torch
+
+from marfast.mar import set_norm_backend
 
 from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
 from .models import (MAR_PRESET_BUILDERS, RELEASED_CFG, build_mar, fast_ar_steps, fused_head_absence,
@@ -171,7 +175,7 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
     steps = list(range(stride // 2, num_iter, stride)) if stride > 1 else None
 
     if provider == REFERENCE:
-        backend, detail = "torch", "reference loop (MAR.sample_tokens), reference head"
+        backend, detail = "torch", "reference loop (MAR.sample_tokens), reference head, norm backend 'torch'"
     elif provider == FUSED_HEAD:
         if not bench.on_gpu:
             pytest.skip("the fused head is timed on CUDA only (the Triton CPU interpreter is a correctness tool)")
@@ -183,10 +187,11 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
         detail = "reference loop (MAR.sample_tokens), DiffLoss backend 'triton'"
     else:
         backend = "auto"
-        detail = "fast loop (MAR.sample_tokens_fast), DiffLoss backend 'auto'"
+        detail = "fast loop (MAR.sample_tokens_fast), DiffLoss backend 'auto', norm backend 'auto'"
         if steps is not None:
             detail += "; timed steps run through marfast.sampler.plan_steps + run_ar_loop"
     model.diffloss.backend = backend
+    set_norm_backend(model, "auto" if provider == FUSED else "torch")
 
     def sample_call(bsz=batch, iters=num_iter):
         with autocast:
@@ -204,6 +209,7 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
 
     def reference_call():
         previous, model.diffloss.backend = model.diffloss.backend, "torch"
+        set_norm_backend(model, "torch")
         try:
             with autocast:
                 if steps is None:
@@ -212,6 +218,7 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
                 return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, steps)
         finally:
             model.diffloss.backend = previous
+            set_norm_backend(model, "auto" if provider == FUSED else "torch")
 
     timed_steps = num_iter if steps is None else len(steps)
     flops_parts = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True, steps=steps)

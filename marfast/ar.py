@@ -119,8 +119,7 @@ class CausalBlock(Block):
         self.attn = CausalAttention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
 
     def forward(self, x, cache=None):
-        x = x + self.attn(self.norm1(x), cache)
-        return x + self.mlp(self.norm2(x))
+        return self.residual_branches(x, lambda h: self.attn(h, cache))
 
 
 class CausalAR(nn.Module):

@@ -18,6 +18,8 @@ from .attention import requested_backend as requested_attention_backend
 from .attention import run_attention
 from .demar import DenoisingHead, TransformerDiffLoss
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
+from .kernels.add_layernorm import add_layernorm
+from .kernels.linear_fused import WEIGHT_DTYPES, interpreting
 
 CFG_SCHEDULES = ("linear", "constant")
 HEADS = ("mlp", "transformer")
@@ -70,8 +72,20 @@ class Mlp(nn.Module):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
+NORM_BACKENDS = ("auto", "triton", "torch")
+
+
 class Block(nn.Module):
-    """Pre-norm ViT block (timm `Block` names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2)."""
+    """Pre-norm ViT block (timm `Block` names: norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2).
+
+    norm_backend (not in the state dict; `set_norm_backend` sets it on every block of a model):
+    "torch" runs the block as written; "triton" runs its LayerNorms through the fused Triton
+    `add_layernorm` (inference only: autograd must be off; CUDA, or the CPU interpreter): the
+    attention branch's residual add and norm2 are one pass, and both norms write the dtype the
+    next GEMM reads (autocast's bf16/fp16) instead of fp32 that autocast casts again. "auto"
+    (default) takes "triton" where it applies on CUDA (no autograd, a float32 residual stream,
+    LayerNorms with weight and bias) and "torch" otherwise. Both compute the same function.
+    """
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm, proj_drop=0.0, attn_drop=0.0):
         super().__init__()
@@ -79,10 +93,54 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.norm_backend = "auto"
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return self.residual_branches(x, self.attn)
+
+    def residual_branches(self, x, attend):
+        """x [B, n, D] + attend(norm1(x)), then + mlp(norm2(.)), on the block's norm backend."""
+        dtype = self.fused_norm_dtype(x)
+        if dtype is None:
+            x = x + attend(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = x.contiguous()
+        _, h = add_layernorm(x, None, self.norm1.weight, self.norm1.bias, self.norm1.eps, dtype)
+        x, h = add_layernorm(x, attend(h).contiguous(), self.norm2.weight, self.norm2.bias, self.norm2.eps, dtype)
+        return x + self.mlp(h)
+
+    def fused_norm_dtype(self, x):
+        """The dtype the fused LayerNorms write for input x (autocast's dtype where autocast is on for
+        x's device, else x's), or None when the block runs its torch LayerNorms."""
+        if self.norm_backend not in NORM_BACKENDS:
+            raise ValueError(f"norm_backend must be one of {NORM_BACKENDS}, got {self.norm_backend!r}")
+        if self.norm_backend == "torch":
+            return None
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        problems = [reason for reason, bad in (
+            ("autograd is on (the fused LayerNorms have no backward)", torch.is_grad_enabled()),
+            (f"the residual stream is {x.dtype}, not float32", x.dtype != torch.float32),
+            (f"the output dtype {dtype} is not one of {WEIGHT_DTYPES}", dtype not in WEIGHT_DTYPES),
+            ("the LayerNorms lack a weight or bias", any(not isinstance(n, nn.LayerNorm) or n.weight is None
+                                                         or n.bias is None for n in (self.norm1, self.norm2))),
+            (f"tensors are on {x.device} (Triton needs CUDA or TRITON_INTERPRET=1)",
+             device_type != "cuda" and not interpreting())) if bad]
+        if self.norm_backend == "auto":
+            return dtype if device_type == "cuda" and not problems else None
+        if problems:
+            raise RuntimeError("norm_backend 'triton' cannot run here: " + "; ".join(problems))
+        return dtype
+
+
+def set_norm_backend(module, backend):
+    """Set `norm_backend` ("auto", "triton" or "torch") on every transformer Block in module."""
+    if backend not in NORM_BACKENDS:
+        raise ValueError(f"norm_backend must be one of {NORM_BACKENDS}, got {backend!r}")
+    for block in module.modules():
+        if isinstance(block, Block):
+            block.norm_backend = backend
+    return module
 
 
 def set_token_geometry(module, img_size, vae_stride, patch_size, vae_embed_dim):

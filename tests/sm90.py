@@ -32,7 +32,7 @@ def record_launches(monkeypatch):
     JSON-able descriptions: kernel module and name, arguments (tensors by dtype and alignment)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from marfast.kernels import adaln_input, ddpm_step, linear_fused
+    from marfast.kernels import adaln_input, add_layernorm, ddpm_step, linear_fused
 
     launches = []
 
@@ -42,7 +42,7 @@ def record_launches(monkeypatch):
                          "kwargs": {k: _describe(v) for k, v in kwargs.items()}})
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
-    for module in (linear_fused, ddpm_step, adaln_input):
+    for module in (linear_fused, ddpm_step, adaln_input, add_layernorm):
         monkeypatch.setattr(module, "gpu_configs", lambda device: True)
         monkeypatch.setattr(module, "programmatic_launch", lambda device: {"PDL": True, "launch_pdl": True})
     monkeypatch.setattr(linear_fused, "_TUNED", {})

@@ -102,7 +102,7 @@ def test_fused_mar_case_runs_under_the_interpreter(tmp_path, monkeypatch):
     args.provider = "fused"
     device = torch.device("cpu")
     case = profile_kernels.build_mar_case(args, device)
-    assert case.params["call"] == "MAR.sample_tokens_fast, DiffLoss backend 'triton'"
+    assert case.params["call"] == "MAR.sample_tokens_fast, DiffLoss backend 'triton', norm backend 'auto'"
     unprofiled, profiled, events, extra = profile_kernels.run_profile(case, device, calls=1)
     analysis = profile_kernels.analyse(events, 1, on_gpu=False)
     report = profile_kernels.build_report(case, device, 1, unprofiled, profiled, analysis, extra)

@@ -9,6 +9,7 @@ import torch
 from marfast import DiffLoss
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import ddpm_sample_loop_fused, packed_head, release_fused_cache
+from marfast.kernels.add_layernorm import add_layernorm
 from marfast.kernels.linear_fused import interpreting
 
 from sm90 import H100_SHARED_BYTES, compile_for_h100, record_launches
@@ -32,6 +33,16 @@ def check_compiles(launches):
         assert kernel["local_bytes"] == 0, f"{where}: {kernel['local_bytes']} bytes of local memory (register spills)"
         assert 0 < kernel["registers"] <= 255, where
     return compiled
+
+
+def check_waits_for_previous_grid(compiled):
+    """Programmatic dependent launch: every kernel is launched with it and touches no global memory
+    before its grid dependency wait."""
+    for kernel in compiled:
+        where = f"{kernel['name']} {kernel['constants']}"
+        assert kernel["launch_pdl"] and kernel["constants"]["PDL"], where
+        assert kernel["grid_dependency_waits"] >= 1 and kernel["launch_dependents"] >= 1, where
+        assert not kernel["memory_before_wait"], f"{where}: global memory accessed before griddepcontrol.wait"
 
 
 @pytest.mark.parametrize("state_rows", [4, 2048], ids=["few_rows", "many_rows"])
@@ -59,11 +70,7 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     assert bool(split) == (state_rows == 4), "K-split candidates are tried for the block GEMMs at few rows only"
     for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
-    for kernel in compiled:  # programmatic dependent launch: no memory access before the grid dependency wait
-        where = f"{kernel['name']} {kernel['constants']}"
-        assert kernel["launch_pdl"] and kernel["constants"]["PDL"], where
-        assert kernel["grid_dependency_waits"] >= 1 and kernel["launch_dependents"] >= 1, where
-        assert not kernel["memory_before_wait"], f"{where}: global memory accessed before griddepcontrol.wait"
+    check_waits_for_previous_grid(compiled)
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
@@ -78,3 +85,16 @@ def test_fused_training_kernels_compile_for_h100(monkeypatch):
     names = {launch["name"] for launch in launches}
     assert any("bwd" in name or "backward" in name for name in names), names
     check_compiles(launches)
+
+
+def test_transformer_norm_kernels_compile_for_h100(monkeypatch):
+    """The blocks' fused LayerNorms at the MAR transformer widths (768, 1024, 1280) writing bf16,
+    with and without the residual add."""
+    with record_launches(monkeypatch) as launches:
+        for width in (768, 1024, 1280):
+            x, update = torch.randn(5, width), torch.randn(5, width, dtype=torch.bfloat16)
+            weight, bias = torch.ones(width), torch.zeros(width)
+            for branch in (update, None):
+                add_layernorm(x, branch, weight, bias, 1e-6, torch.bfloat16)
+    assert len(launches) == 6
+    check_waits_for_previous_grid(check_compiles(launches))
