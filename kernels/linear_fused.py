@@ -23,7 +23,9 @@ torch's matmul precision setting (IEEE under "highest", TF32 otherwise), as cuBL
 programmatic dependent launch (PDL constexpr, `programmatic_launch(device)`: CUDA sm_90+, unless
 MARFAST_PDL=0): the kernel is launched with `launch_pdl` and starts with `wait_for_previous_grid`,
 so its blocks can be scheduled while the previous kernel on the stream drains (hiding the launch
-gap between the ~14 kernels of each DDPM step) and touch memory only once that kernel is done.
+gap between the ~14 kernels of each DDPM step) and touch memory only once that kernel is done. At
+up to PREFETCH_MAX_ROWS rows the blocks first ask L2 for their weight slab (PREFETCH_K > 0), so
+the weight stream of a skinny GEMM overlaps the tail of the kernel before it.
 
 split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
 output tile, each over a part of K; each stores its fp32 partial tile, and the last to arrive (an
@@ -63,6 +65,9 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PROLOGUE_MAX_ROWS = 64
 
 PDL_ENV = "MARFAST_PDL"
+# With PDL, GEMMs of at most this many rows (weight-streaming bound) prefetch their weight slab into
+# L2 before the grid dependency wait, i.e. while the previous kernel still runs.
+PREFETCH_MAX_ROWS = 64
 
 
 @triton.jit
@@ -169,6 +174,20 @@ def wait_for_previous_grid(PDL: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk, stride_wn,
+                            BLOCK_K: tl.constexpr, PREFETCH_K: tl.constexpr):
+    """Ask L2 for this program's weight slab (rows `cols` of W, K range [k_begin, k_end)): one
+    `prefetch.global.L2::evict_last` per PREFETCH_K weights along K (a 128-byte line when W is
+    K-contiguous). A hint with no effect on results; touches no memory the program depends on."""
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K // PREFETCH_K) * PREFETCH_K
+        ok = (ks < k_end)[:, None] & col_ok[None, :]
+        lines = tl.where(ok, weight_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, weight_ptr)
+        tl.inline_asm_elementwise("mov.u32 $0, 0;\n\tprefetch.global.L2::evict_last [$1];", "=r,l", [lines],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(sum of the SPLIT_K partial tiles of `tile`, True in the program that arrived last).
@@ -206,6 +225,7 @@ def _linear_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_K: tl.constexpr,
 ):
     """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
 
@@ -215,7 +235,6 @@ def _linear_fused_kernel(
     of BLOCK_K); the last to finish sums their partial tiles (`_split_k_sum`) and applies the
     epilogue, the others store nothing.
     """
-    wait_for_previous_grid(PDL)
     # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
     pid = tl.program_id(0)
     if SPLIT_K > 1:
@@ -241,6 +260,9 @@ def _linear_fused_kernel(
     col_ok = cols < N
     a_rows = (rows % a_row_period).to(tl.int64)
 
+    if PREFETCH_K > 0:  # the weights are never written by the previous kernel: fetch them while it drains
+        _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk, stride_wn, BLOCK_K, PREFETCH_K)
+    wait_for_previous_grid(PDL)
     if PROLOGUE != 0:
         mean, rstd = _row_layernorm_stats(stats_in_ptr, stride_stats_in_m, rows, row_ok, K, ln_eps,
                                           BLOCK_M, STATS_GROUP, STATS_CHUNK)
@@ -516,10 +538,12 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         k_split_len = triton.cdiv(triton.cdiv(K, block_k), split) * block_k
         if split > 1:
             split_k.reserve(tiles * split * block_m * block_n, tiles)
+        prefetch_k = min(block_k, 128 // weight.element_size()) if args["PDL"] and M <= PREFETCH_MAX_ROWS else 0
         _linear_fused_kernel[(tiles * split,)](
             **args, partials_ptr=split_k.partials if split > 1 else dummy,
             counters_ptr=split_k.counters if split > 1 else dummy, k_split_len=k_split_len,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps, num_stages=stages)
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PREFETCH_K=prefetch_k,
+            num_warps=warps, num_stages=stages)
 
     gpu = gpu_configs(out.device)
     configs = _candidate_configs(M, N, K, weight.element_size(), gpu,

@@ -31,7 +31,8 @@ row count, CFG on/off, clip on/off, number of steps) as a CUDA graph and replaye
 synchronisation and no Python work per step. On sm_90+ every Triton kernel of the loop is launched
 with programmatic dependent launch (`linear_fused.programmatic_launch`; MARFAST_PDL=0 turns it
 off): a kernel's blocks are scheduled while its predecessor drains and wait for it on the device,
-which hides most of the gap between consecutive kernels (about 14 per DDPM step). The first call for a bucket runs the loop eagerly (compiling and tuning the
+which hides most of the gap between consecutive kernels (about 14 per DDPM step); at up to 64 rows
+the GEMMs' blocks first ask L2 for their weights, so each weight stream overlaps the kernel before. The first call for a bucket runs the loop eagerly (compiling and tuning the
 kernels; its result is returned) and then captures. Under the Triton CPU interpreter the loop
 runs eagerly through the same launchers.
 

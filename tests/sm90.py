@@ -63,8 +63,10 @@ def compile_for_h100(launches):
     """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
     name, constants, num_warps, num_stages, launch_pdl, shared_bytes, registers, local_bytes, counts
     of PTX instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads
-    (ld.global.cg), grid_dependency_waits, launch_dependents; and memory_before_wait: whether any
-    global memory access precedes the first griddepcontrol.wait in the PTX."""
+    (ld.global.cg), l2_prefetches (and l2_prefetches_before_wait: those before the first
+    griddepcontrol.wait), grid_dependency_waits, launch_dependents; and memory_before_wait: whether
+    any global load, store, atomic or asynchronous copy (not a prefetch) precedes the first
+    griddepcontrol.wait in the PTX."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -114,6 +116,9 @@ def _compile_all(launches):
                         "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx)),
                         "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
                         "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx)),
+                        "l2_prefetches": len(re.findall(r"\bprefetch\.global\.L2", ptx)),
+                        "l2_prefetches_before_wait": len(re.findall(r"\bprefetch\.global\.L2",
+                                                                    ptx.split("griddepcontrol.wait")[0])),
                         "grid_dependency_waits": len(re.findall(r"\bgriddepcontrol\.wait\b", ptx)),
                         "launch_dependents": len(re.findall(r"\bgriddepcontrol\.launch_dependents\b", ptx)),
                         "memory_before_wait": _memory_before_wait(ptx)})

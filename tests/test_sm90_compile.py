@@ -71,6 +71,11 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
     check_waits_for_previous_grid(compiled)
+    for kernel in gemms:  # with PDL, skinny GEMMs ask L2 for their weights before waiting
+        prefetching = kernel["constants"]["PREFETCH_K"] > 0
+        assert (kernel["l2_prefetches_before_wait"] > 0) == prefetching, kernel["constants"]
+        assert (kernel["l2_prefetches"] > 0) == prefetching, kernel["constants"]
+    assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == (state_rows == 4)
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
