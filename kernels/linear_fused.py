@@ -61,8 +61,12 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Above this many rows the LN-modulate prologue is written once to a buffer in the weight dtype and
 # the GEMM reads it plainly: fused into the prologue, the fp32 residual and the two modulation
 # tiles would be re-read by every column tile of the GEMM (4x a plain GEMM's A traffic, without
-# asynchronous copies). The dot inputs are identical either way.
+# asynchronous copies). The dot inputs are identical either way. At up to this many rows on CUDA
+# both ways are timed once per shape and the faster kept (_PROLOGUE_CHOICE): the fused prologue saves
+# a kernel, but its A loads feed arithmetic, stay outside the GEMM's asynchronous pipeline, and
+# each K step of the loop waits for them.
 PROLOGUE_MAX_ROWS = 64
+_PROLOGUE_CHOICE = {}
 
 PDL_ENV = "MARFAST_PDL"
 # With PDL, GEMMs of at most this many rows (weight-streaming bound) prefetch their weight slab into
@@ -609,7 +613,8 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
     ln_bias: float [K] (both None for a parameter-free LayerNorm); shift, scale: [M, K] views
     sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. split_k:
     a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SPLIT_K_MAX_ROWS
-    rows, on CUDA). Returns out.
+    rows, on CUDA). The LN-modulate runs in the GEMM's prologue or as its own pass before a plain
+    GEMM (above PROLOGUE_MAX_ROWS; at fewer rows on CUDA whichever is timed faster). Returns out.
     """
     device, _, k = _check_linear(residual, weight, bias, out, (torch.float32,))
     rows = residual.shape[0]
@@ -625,7 +630,8 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
         _check_vector("ln_bias", ln_bias, k, device)
     _check_matrix("out", out, rows, None, device)
     _check_no_alias("out", out, "residual", residual)
-    if rows > PROLOGUE_MAX_ROWS:
+
+    def two_pass():
         modulated = torch.empty(rows, k, device=device, dtype=weight.dtype)
         block_m, block_k = 32, 128
         _ln_modulate_kernel[(triton.cdiv(rows, block_m), triton.cdiv(k, block_k))](
@@ -634,10 +640,29 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
             STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4, **programmatic_launch(device))
         return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU, split_k=split_k)
-    prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
-    return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
-                   ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU,
-                   split_k=split_k)
+
+    def fused_prologue():
+        prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
+        return _launch(residual, weight, bias, out, prologue=prologue, stats_in=stats, ln_weight=ln_weight,
+                       ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU,
+                       split_k=split_k)
+
+    if rows > PROLOGUE_MAX_ROWS:
+        return two_pass()
+    if not gpu_configs(device):
+        return fused_prologue()
+    key = (rows, k, out.shape[1], weight.dtype, out.dtype, ln_weight is not None, str(device), split_k is not None,
+           programmatic_launch(device)["PDL"])
+    if key not in _PROLOGUE_CHOICE:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"linear_ln_modulate_silu: the prologue choice for {key} was not timed before CUDA "
+                               "graph capture; run the same launch once eagerly first")
+        runs = {"fused_prologue": fused_prologue, "two_pass": two_pass}
+        for run in runs.values():
+            run()  # tune the GEMM configurations of both
+        timings = {name: time_launches(run) for name, run in runs.items()}
+        _PROLOGUE_CHOICE[key] = min(timings, key=timings.get)
+    return two_pass() if _PROLOGUE_CHOICE[key] == "two_pass" else fused_prologue()
 
 
 def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out, split_k=None):

@@ -145,6 +145,49 @@ def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine, two_pas
     assert_close64(out, F.silu(h @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("faster", ["two_pass", "fused_prologue"])
+def test_ln_modulate_prologue_choice_is_timed_once_per_shape(faster, monkeypatch):
+    """With the GPU configurations at few rows, both ways (fused prologue, written once + plain GEMM)
+    are timed once per shape, the faster one runs then and afterwards, and the result is the same
+    function; timing during CUDA graph capture is refused. (Timings faked: the interpreter runs it.)"""
+    monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
+    monkeypatch.setattr(linear_fused, "_TUNED", {})
+    monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launched = []
+    for kernel in ("_ln_modulate_kernel", "_linear_fused_kernel"):
+        jit = getattr(linear_fused, kernel)
+        monkeypatch.setattr(jit, "run", lambda *a, _run=jit.run, _name=kernel, **k: (launched.append(_name),
+                                                                                      _run(*a, **k))[1])
+    def fake_time(run, repeats=1):  # the preferred way takes 1 ms, the other 2 ms
+        launched.clear()
+        run()
+        way = "two_pass" if "_ln_modulate_kernel" in launched else "fused_prologue"
+        return 1.0 if way == faster else 2.0
+
+    monkeypatch.setattr(linear_fused, "time_launches", fake_time)
+    rows, width, n = 5, 40, 72
+    torch.manual_seed(3)
+    x = torch.randn(rows, width) * 2 + 3
+    shift, scale = torch.randn(rows, width), torch.randn(rows, width)
+    w, b = torch.randn(n, width), torch.randn(n)
+    stats = group_stats64(x.double()).float()
+    expected = F.silu(modulate_ln64(x.double(), shift.double(), scale.double()) @ w.double().T + b.double())
+    for call in range(2):
+        launched.clear()
+        out = poisoned(rows, n)
+        linear_ln_modulate_silu(x, stats, None, None, shift, scale, w, b, out)
+        assert_close64(out, expected, rtol=1e-4, atol=1e-4)
+        if call == 1:  # chosen and tuned: exactly the launches of the faster way
+            two_pass = ["_ln_modulate_kernel", "_linear_fused_kernel"]
+            assert launched == (two_pass if faster == "two_pass" else ["_linear_fused_kernel"])
+    assert list(linear_fused._PROLOGUE_CHOICE.values()) == [faster]
+    monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="not timed before CUDA graph capture"):
+        linear_ln_modulate_silu(x, stats, None, None, shift, scale, w, b, poisoned(rows, n))
+
+
 @pytest.mark.parametrize("rows,k,width", [(7, 40, 72), (33, 72, 40)])
 def test_linear_gated_residual_matches_float64(rows, k, width):
     torch.manual_seed(rows + k)

@@ -48,8 +48,8 @@ def check_waits_for_previous_grid(compiled):
 @pytest.mark.parametrize("state_rows", [4, 2048], ids=["few_rows", "many_rows"])
 def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
-    input projection, both block GEMMs (LN-modulate prologue at few rows, written once above
-    PROLOGUE_MAX_ROWS; also split along K at few rows), the final layer with the DDPM step; every
+    input projection, both block GEMMs (LN-modulate written once, and at few rows also fused
+    into the GEMM prologue; also split along K at few rows), the final layer with the DDPM step; every
     tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel
     before its first global memory access."""
     head = base_head()
@@ -62,7 +62,7 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
         ddpm_sample_loop_fused(head.net, GaussianDiffusion(2), z, x, 1.0, 3.0, noise)
     release_fused_cache(head.net)
     names = {launch["name"] for launch in launches}
-    assert {"_linear_fused_kernel", "_adaln_input_kernel", "_final_layer_ddpm_step_kernel"} <= names
+    assert {"_linear_fused_kernel", "_ln_modulate_kernel", "_adaln_input_kernel", "_final_layer_ddpm_step_kernel"} <= names
     compiled = check_compiles(launches)
     gemms = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
     assert gemms and all(k["async_copies"] > 0 for k in gemms), "GEMM weight loads must be pipelined (cp.async)"
