@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .linear_fused import (STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats, _check_vector,
-                           _ln_modulate_tile, _row_layernorm_stats, dot_precision, gpu_configs, interpreting,
-                           programmatic_launch, wait_for_previous_grid)
+                           _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision, gpu_configs,
+                           interpreting, programmatic_launch, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 
@@ -111,12 +111,27 @@ def step_coefficients(diffusion, step):
     )
 
 
-def _block_sizes(rows, width, channels, gpu):
+FEW_ROWS = 64
+
+
+def _candidate_block_sizes(rows, width, channels, gpu):
+    """(BLOCK_M, BLOCK_C, BLOCK_K, num_warps) candidates, the last a fallback (see `_tuned_config`).
+
+    At few rows one or two programs walk the whole width, one K step after another, each waiting on
+    its LayerNorm and modulation loads: wider K steps (more loads in flight per step) are tried."""
     block_c = max(16, triton.next_power_of_2(channels))
     block_k = min(64, max(16, triton.next_power_of_2(width)))
     if not gpu:
-        return min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4
-    return (16 if rows <= 16 else 32 if rows <= 1024 else 64), block_c, block_k, 4
+        return [(min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4)]
+    block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
+    shapes = [(block_k, 4)]
+    if rows <= FEW_ROWS:
+        shapes += [(min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 4), (256, 8))]
+    candidates = []
+    for k, warps in shapes + [(min(32, block_k), 4)]:
+        if (block_m, block_c, k, warps) not in candidates:
+            candidates.append((block_m, block_c, k, warps))
+    return candidates
 
 
 def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, noise, out, scalars, coefficients, *,
@@ -160,15 +175,22 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         raise ValueError(f"{rows} state rows with uncond_row_offset={uncond_row_offset} do not fit {net_rows} net rows")
     if rows == 0:
         return out
-    block_m, block_c, block_k, warps = _block_sizes(rows, width, channels, gpu_configs(device))
-    _final_layer_ddpm_step_kernel[(triton.cdiv(rows, block_m),)](
-        residual, stats, shift, scale, weight, bias, state, noise, out, scalars,
-        rows, width, channels, uncond_row_offset,
-        residual.stride(0), stats.stride(0), shift.stride(0), weight.stride(0), weight.stride(1),
-        state.stride(0), noise.stride(0), out.stride(0),
-        **coefficients, ln_eps=float(ln_eps),
-        USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
-        DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-        STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=warps, num_stages=2, **programmatic_launch(device),
-    )
+
+    def run(config):
+        block_m, block_c, block_k, warps = config
+        _final_layer_ddpm_step_kernel[(triton.cdiv(rows, block_m),)](
+            residual, stats, shift, scale, weight, bias, state, noise, out, scalars,
+            rows, width, channels, uncond_row_offset,
+            residual.stride(0), stats.stride(0), shift.stride(0), weight.stride(0), weight.stride(1),
+            state.stride(0), noise.stride(0), out.stride(0),
+            **coefficients, ln_eps=float(ln_eps),
+            USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
+            DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=warps, num_stages=2,
+            **programmatic_launch(device))
+
+    candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device))
+    key = ("final_layer_ddpm_step", rows, net_rows, width, channels, weight.dtype, bool(use_cfg), bool(add_noise),
+           bool(clip_x0), str(device))
+    run(_tuned_config(key, candidates, run))
     return out

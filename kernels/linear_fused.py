@@ -63,8 +63,8 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # tiles would be re-read by every column tile of the GEMM (4x a plain GEMM's A traffic, without
 # asynchronous copies). The dot inputs are identical either way. At up to this many rows on CUDA
 # both ways are timed once per shape and the faster kept (_PROLOGUE_CHOICE): the fused prologue saves
-# a kernel, but its A loads feed arithmetic, stay outside the GEMM's asynchronous pipeline, and
-# each K step of the loop waits for them.
+# a kernel and a round trip of A, but every column tile's K loop then loads three A-sized tiles
+# (fp32 residual, shift, scale) instead of one and does the LayerNorm arithmetic itself.
 PROLOGUE_MAX_ROWS = 64
 _PROLOGUE_CHOICE = {}
 
