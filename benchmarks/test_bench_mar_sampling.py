@@ -24,7 +24,8 @@ Providers, side by side in one run (reference first):
 - marfast_fused_head: the same reference loop and LayerNorms with the fused head (`DiffLoss` backend
   "triton"), skipped when the fused sampling path is not present;
 - marfast_fused: the fast sampling loop (`MAR.sample_tokens_fast` or `marfast.sampler.sample_tokens_fast`)
-  with the head backend "auto" and the norm backend "auto" (the fused add + LayerNorm on CUDA),
+  with the head backend "auto" and the norm backend "auto" (on CUDA the fused add + LayerNorm,
+  and fc1 + GELU as one Triton GEMM where timed faster),
   skipped when no fast loop exists.
 """
 import contextlib

@@ -12,6 +12,7 @@ epilogue on the fp32 accumulator [BLOCK_M, BLOCK_N] (bias in fp32 first):
   BIAS            y = acc + b
   BIAS_SILU       y = SiLU(acc + b)
   GATED_RESIDUAL  y = residual + gate * (acc + b)     (residual fp32, gate a per-row view)
+  BIAS_GELU       y = GELU(acc + b), the exact (erf) GELU of nn.GELU()
 optional epilogue side output:
   statistics  for each row and each STATS_GROUP-column group of y: (mean, sum of squared
               deviations from that mean), fp32 [M, cdiv(N, STATS_GROUP), 2]; a consumer combines the
@@ -32,10 +33,11 @@ output tile, each over a part of K; each stores its fp32 partial tile, and the l
 arrival counter per tile, release-acquire) sums the partials in split order and runs the epilogue.
 No program waits for another, so the Triton interpreter (programs one after another) runs it too.
 
-Launchers (the model layer calls only these): `linear`, `input_projection`,
+Launchers (the model layer calls only these): `linear`, `linear_gelu`, `input_projection`,
 `linear_ln_modulate_silu`, `linear_gated_residual`. On CUDA each distinct (kernel variant, M, N, K,
 dtype) is tuned once over a few block configurations (and K splits), timed with CUDA events,
-outside any CUDA graph capture; under the Triton interpreter one small configuration runs.
+outside any CUDA graph capture (M above TUNE_EXACT_ROWS in power-of-two buckets: the transformer's
+row count changes at every AR step); under the Triton interpreter one small configuration runs.
 """
 import os
 
@@ -54,6 +56,7 @@ PROLOGUE_LN_AFFINE_MODULATE = 2
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
 EPILOGUE_GATED_RESIDUAL = 2
+EPILOGUE_BIAS_GELU = 3
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -294,6 +297,8 @@ def _linear_fused_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     if EPILOGUE == 1:
         y = y * tl.sigmoid(y)
+    if EPILOGUE == 3:
+        y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
     if EPILOGUE == 2:
         gate = tl.load(gate_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         residual = tl.load(residual_ptr + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -350,8 +355,9 @@ def _candidate_configs(M, N, K, element_bytes, gpu, heavy_epilogue=False):
     The last one is a fallback small enough for any device's shared memory, tried only when no
     other candidate fits; fp32 operands (element_bytes 4) take half the K depth per stage.
     heavy_epilogue (gated residual or LayerNorm statistics: the accumulator, the gate and the
-    residual tiles live together) keeps at most 64 fp32 accumulator values per thread with 8
-    warps and 32 with 4: tiles beyond that spill registers on sm_90 (tests/test_sm90_compile.py).
+    residual tiles live together; GELU: erf's temporaries) keeps at most 64 fp32 accumulator values
+    per thread with 8 warps and 32 with 4: tiles beyond that spill registers on sm_90
+    (tests/test_sm90_compile.py).
     """
     k_cap = max(16, _pow2(K)) if element_bytes == 2 else max(16, min(_pow2(K), 32))
     small_m = min(64, max(16, _pow2(M)))
@@ -379,6 +385,7 @@ def _candidate_configs(M, N, K, element_bytes, gpu, heavy_epilogue=False):
 
 _TUNED = {}
 TUNE_REPEATS = 10
+TUNE_EXACT_ROWS = 4096
 TUNE_QUEUE_CYCLES = 5_000_000
 
 
@@ -421,6 +428,22 @@ def _tuned_config(key, candidates, launch):
         raise RuntimeError(f"linear_fused: no block configuration fits the device for {key}")
     _TUNED[key] = min(timings, key=timings.get)
     return _TUNED[key]
+
+
+def fastest_way(choices, key, ways, what):
+    """The name of the fastest of `ways` ({name: run}) for `key`, timed once with CUDA events and
+    remembered in the dict `choices`. Each run is called once untimed first (compiling and tuning
+    its kernels). Never times during CUDA graph capture: a key first met there is an error naming
+    `what` (run the same launch once eagerly first)."""
+    if key not in choices:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{what}: the choice for {key} was not timed before CUDA graph capture; "
+                               "run the same launch once eagerly first")
+        for run in ways.values():
+            run()
+        timings = {name: time_launches(run) for name, run in ways.items()}
+        choices[key] = min(timings, key=timings.get)
+    return choices[key]
 
 
 def _check_matrix(name, t, rows, cols, device, dtypes=None):
@@ -551,9 +574,10 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
 
     gpu = gpu_configs(out.device)
     configs = _candidate_configs(M, N, K, weight.element_size(), gpu,
-                                 epilogue == EPILOGUE_GATED_RESIDUAL or stats_out is not None)
+                                 epilogue in (EPILOGUE_GATED_RESIDUAL, EPILOGUE_BIAS_GELU) or stats_out is not None)
     configs = _with_split_k(configs, M, N, K, gpu, split_k is not None)
-    key = (prologue, epilogue, stats_out is not None, M, N, K, a.dtype, weight.dtype, out.dtype,
+    rows_key = M if M <= TUNE_EXACT_ROWS else triton.next_power_of_2(M)
+    key = (prologue, epilogue, stats_out is not None, rows_key, N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device), split_k is not None)
     run(_tuned_config(key, configs, run))
     return out
@@ -585,6 +609,19 @@ def linear(a, weight, bias, out):
         raise ValueError(f"out must have {a.shape[0]} rows, got {out.shape[0]}")
     _check_no_alias("out", out, "a", a)
     return _launch(a, weight, bias, out)
+
+
+def linear_gelu(a, weight, bias, out):
+    """out[M, N] = GELU(a[M, K] @ weight[N, K]^T + bias[N]), the exact GELU, fp32 epilogue.
+
+    a: any float dtype (cast to weight dtype before the dot); weight: fp32/bf16/fp16 [N, K];
+    bias: float [N]; out: preallocated [M, N], unit column stride. Returns out.
+    """
+    device, n, k = _check_linear(a, weight, bias, out)
+    if out.shape[0] != a.shape[0]:
+        raise ValueError(f"out must have {a.shape[0]} rows, got {out.shape[0]}")
+    _check_no_alias("out", out, "a", a)
+    return _launch(a, weight, bias, out, epilogue=EPILOGUE_BIAS_GELU)
 
 
 def input_projection(state, weight, bias, residual_out, stats_out):
@@ -653,16 +690,8 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
         return fused_prologue()
     key = (rows, k, out.shape[1], weight.dtype, out.dtype, ln_weight is not None, str(device), split_k is not None,
            programmatic_launch(device)["PDL"])
-    if key not in _PROLOGUE_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"linear_ln_modulate_silu: the prologue choice for {key} was not timed before CUDA "
-                               "graph capture; run the same launch once eagerly first")
-        runs = {"fused_prologue": fused_prologue, "two_pass": two_pass}
-        for run in runs.values():
-            run()  # tune the GEMM configurations of both
-        timings = {name: time_launches(run) for name, run in runs.items()}
-        _PROLOGUE_CHOICE[key] = min(timings, key=timings.get)
-    return two_pass() if _PROLOGUE_CHOICE[key] == "two_pass" else fused_prologue()
+    ways = {"fused_prologue": fused_prologue, "two_pass": two_pass}
+    return ways[fastest_way(_PROLOGUE_CHOICE, key, ways, "linear_ln_modulate_silu's LayerNorm-modulate prologue")]()
 
 
 def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out, split_k=None):

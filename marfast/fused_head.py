@@ -54,9 +54,9 @@ from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
 from .kernels.adaln_input import adaln_input
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
-from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, input_projection, interpreting, linear,
-                                   linear_gated_residual, linear_ln_modulate_silu, programmatic_launch, stats_shape,
-                                   time_launches)
+from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, fastest_way, input_projection, interpreting,
+                                   linear, linear_gated_residual, linear_ln_modulate_silu, programmatic_launch,
+                                   stats_shape)
 
 MAX_GRAPHS_PER_HEAD = 8
 MIN_BUCKET_ROWS = 16
@@ -255,23 +255,13 @@ def modulation_gemm(pack, silu_cond, out):
     provider = pack.modulation_provider
     if provider not in MODULATION_PROVIDERS:
         raise ValueError(f"modulation_provider must be one of {MODULATION_PROVIDERS}, got {provider!r}")
-    if provider == "auto":
-        provider = "cublas" if pack.device.type != "cuda" else _fastest_modulation(pack, silu_cond, out, runs)
+    if provider == "auto" and pack.device.type != "cuda":
+        provider = "cublas"
+    elif provider == "auto":
+        key = (tuple(silu_cond.shape), tuple(pack.ada_weight.shape), pack.dtype, str(pack.device),
+               torch.get_float32_matmul_precision())
+        provider = fastest_way(_MODULATION_CHOICE, key, runs, "the modulation GEMM")
     return runs[provider]()
-
-
-def _fastest_modulation(pack, silu_cond, out, runs):
-    key = (tuple(silu_cond.shape), tuple(pack.ada_weight.shape), pack.dtype, str(pack.device),
-           torch.get_float32_matmul_precision())
-    if key not in _MODULATION_CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"modulation GEMM for {key} was not timed before CUDA graph capture; "
-                               "run the same loop once eagerly first")
-        for run in runs.values():
-            run()  # compile and tune the Triton kernel, warm cuBLAS
-        timings = {name: time_launches(run) for name, run in runs.items()}
-        _MODULATION_CHOICE[key] = min(timings, key=timings.get)
-    return _MODULATION_CHOICE[key]
 
 
 def _launch_loop(pack, ws, diffusion, clip):

@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import triton
 from tqdm import tqdm
 
 from .attention import active_backend as active_attention_backend
@@ -19,7 +20,7 @@ from .attention import run_attention
 from .demar import DenoisingHead, TransformerDiffLoss
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
 from .kernels.add_layernorm import add_layernorm
-from .kernels.linear_fused import WEIGHT_DTYPES, interpreting
+from .kernels.linear_fused import WEIGHT_DTYPES, fastest_way, interpreting, linear_gelu
 
 CFG_SCHEDULES = ("linear", "constant")
 HEADS = ("mlp", "transformer")
@@ -59,6 +60,9 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x.reshape(b, n, d)))
 
 
+_FC1_GELU_CHOICE = {}
+
+
 class Mlp(nn.Module):
     def __init__(self, dim, hidden, drop=0.0):
         super().__init__()
@@ -71,6 +75,27 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
+    def forward_inference(self, x):
+        """forward(x) with autograd off, x [..., D] in the dtype the GEMMs read (the fused
+        LayerNorms' output): fc1 + bias + exact GELU as one Triton GEMM (`linear_gelu`, the GELU
+        in its fp32 epilogue) instead of a GEMM and a pass over the [..., 4D] hidden tensor. On
+        CUDA both ways are timed once per (power-of-two row bucket, shape, dtype) and the faster
+        kept; under the Triton interpreter the Triton GEMM runs. Active dropout or another
+        activation: forward(x)."""
+        if (self.training and self.drop1.p > 0) or type(self.act) is not nn.GELU or self.act.approximate != "none":
+            return self(x)
+        rows = x.reshape(-1, x.shape[-1])
+        ways = {"torch": lambda: self.act(self.fc1(rows)), "triton": lambda: self._fc1_gelu_triton(rows)}
+        way = "triton"
+        if x.device.type == "cuda":
+            key = (triton.next_power_of_2(rows.shape[0]), tuple(self.fc1.weight.shape), x.dtype, str(x.device))
+            way = fastest_way(_FC1_GELU_CHOICE, key, ways, "the transformer MLP's fc1 + GELU")
+        return self.drop2(self.fc2(ways[way]())).view(*x.shape[:-1], -1)
+
+    def _fc1_gelu_triton(self, rows):
+        out = torch.empty(rows.shape[0], self.fc1.out_features, device=rows.device, dtype=rows.dtype)
+        return linear_gelu(rows, self.fc1.weight.to(rows.dtype), self.fc1.bias, out)
+
 
 NORM_BACKENDS = ("auto", "triton", "torch")
 
@@ -82,7 +107,8 @@ class Block(nn.Module):
     "torch" runs the block as written; "triton" runs its LayerNorms through the fused Triton
     `add_layernorm` (inference only: autograd must be off; CUDA, or the CPU interpreter): the
     attention branch's residual add and norm2 are one pass, and both norms write the dtype the
-    next GEMM reads (autocast's bf16/fp16) instead of fp32 that autocast casts again. "auto"
+    next GEMM reads (autocast's bf16/fp16) instead of fp32 that autocast casts again; the MLP runs
+    `Mlp.forward_inference` (fc1 + GELU as one Triton GEMM where that is faster). "auto"
     (default) takes "triton" where it applies on CUDA (no autograd, a float32 residual stream,
     LayerNorms with weight and bias) and "torch" otherwise. Both compute the same function.
     """
@@ -107,7 +133,7 @@ class Block(nn.Module):
         x = x.contiguous()
         _, h = add_layernorm(x, None, self.norm1.weight, self.norm1.bias, self.norm1.eps, dtype)
         x, h = add_layernorm(x, attend(h).contiguous(), self.norm2.weight, self.norm2.bias, self.norm2.eps, dtype)
-        return x + self.mlp(h)
+        return x + self.mlp.forward_inference(h)
 
     def fused_norm_dtype(self, x):
         """The dtype the fused LayerNorms write for input x (autocast's dtype where autocast is on for

@@ -108,7 +108,7 @@ class StepGraphs:
 
     Static input buffers `tokens` [B, L, Ct], `orders` long [B, L] and `class_embedding` [B', D]
     are read by every replay. One graph per step shape (masked_before, predict_from) is captured
-    by `capture` (which synchronises: call it before the loop); all graphs share one memory pool,
+    by `capture` (which runs each step once eagerly first and synchronises: call it before the loop); all graphs share one memory pool,
     which is safe in any replay order because each replay's outputs are consumed before the next
     replay. It keeps no reference to the model (it is cached in a WeakKeyDictionary keyed by the
     model). Autocast is re-entered with its weight-cast cache off during capture, as CUDA graphs
@@ -156,9 +156,11 @@ class StepGraphs:
         enabled, dtype = self.autocast
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
             self.stream.wait_stream(torch.cuda.current_stream())
-            if not self.graphs:  # lazy initialisation (library handles, workspaces) outside any capture
-                with torch.cuda.stream(self.stream):
-                    self._step(model, next(iter(missing.values())))
+            # every step once eagerly, outside any capture: lazy initialisation (library handles,
+            # workspaces) and the Triton kernels' tuning and timed choices for the step's shapes
+            with torch.cuda.stream(self.stream):
+                for plan in missing.values():
+                    self._step(model, plan)
             for key, plan in missing.items():
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):

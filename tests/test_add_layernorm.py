@@ -1,7 +1,8 @@
 """Residual add + LayerNorm of the transformer blocks (kernels/add_layernorm.py) and the blocks'
-norm backends. CPU tests run the kernel under the Triton interpreter in fp32 against float64, on
-awkward widths and row counts, with every output poisoned (NaN) before the kernel writes it; GPU
-tests (marked `gpu`) check bf16 autocast blocks and the MAR sampling loop against the torch norms.
+norm backends (with them the MLP's fc1 + GELU GEMM, `Mlp.forward_inference`). CPU tests run the
+kernels under the Triton interpreter in fp32 against float64, on awkward widths and row counts,
+with every output poisoned (NaN) before the kernel writes it; GPU tests (marked `gpu`) check bf16
+autocast blocks, both MLP ways and the MAR transformer against the torch modules.
 """
 import copy
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 
 from marfast.ar import CausalBlock
 from marfast.kernels.add_layernorm import add_layernorm
-from marfast.mar import Block, mar_base, set_norm_backend
+from marfast import mar as mar_module
+from marfast.mar import Block, Mlp, mar_base, set_norm_backend
 
 from helpers import tiny_mar
 
@@ -125,6 +127,26 @@ def test_norm_backend_choice_and_errors():
         set_norm_backend(block, "fast")
 
 
+def test_mlp_forward_inference_runs_the_gelu_gemm_only_where_it_computes_forward(monkeypatch):
+    """The fused fc1 + GELU stands in for fc1 -> GELU -> dropout only where dropout is inactive and
+    the activation is the exact GELU; elsewhere forward runs as written."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 24)
+    mlp = Mlp(24, 40).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp.forward_inference(x).double(), copy.deepcopy(mlp).double()(x.double()),
+                                   rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(mar_module, "linear_gelu", lambda *args: pytest.fail("the fused GEMM must not run here"))
+    for changed in (Mlp(24, 40, drop=0.5).train(), Mlp(24, 40).eval()):
+        if not changed.training:
+            changed.act = nn.GELU(approximate="tanh")
+        with torch.no_grad():
+            torch.manual_seed(3)
+            expected = changed(x)
+            torch.manual_seed(3)
+            torch.testing.assert_close(changed.forward_inference(x), expected)
+
+
 def test_mar_fast_loop_with_triton_norms_matches_torch_norms():
     """The whole sampling loop (encoder and decoder blocks) with the fused LayerNorms gives the
     tokens of the torch LayerNorms, up to fp32 rounding carried through the diffusion head."""
@@ -162,6 +184,26 @@ def test_gpu_block_norm_backends_agree_under_bf16_autocast(dim, heads):
         exact = reference(x.double())
     error = {b: ((out.double() - exact).norm() / exact.norm()).item() for b, out in outs.items()}
     assert error["auto"] <= max(1.5 * error["torch"], 1e-4), error
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("way", ["torch", "triton"])
+def test_gpu_mlp_forward_inference_either_way_matches_float64(way, monkeypatch):
+    """mar_base's MLP under bf16 autocast on bf16 inputs, with the timed choice forced to each way:
+    within 2x the plain forward's error against float64 (bf16 rounding of the GEMM inputs)."""
+    monkeypatch.setattr(mar_module, "fastest_way", lambda choices, key, ways, what: way)
+    torch.manual_seed(1)
+    mlp = Mlp(768, 3072).cuda().eval()
+    x = torch.randn(3, 300, 768, device="cuda").bfloat16()
+    with torch.no_grad():
+        exact = copy.deepcopy(mlp).double()(x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            plain, fused = mlp(x), mlp.forward_inference(x)
+    error = {name: ((out.double() - exact).norm() / exact.norm()).item() for name, out in (("plain", plain),
+                                                                                          ("fused", fused))}
+    assert fused.shape == plain.shape and fused.dtype == plain.dtype
+    assert error["fused"] <= max(2 * error["plain"], 1e-3), error
 
 
 @gpu

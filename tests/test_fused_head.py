@@ -20,7 +20,7 @@ from marfast.fused_head import (bucket_rows, ddpm_sample_loop_fused, modulation_
 from marfast.kernels.adaln_input import adaln_input
 from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
 from marfast.kernels import linear_fused
-from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual,
+from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual, linear_gelu,
                                           linear_ln_modulate_silu, stats_shape)
 
 CUDA = torch.cuda.is_available()
@@ -78,12 +78,14 @@ def assert_close64(actual, expected, rtol=FP32_TOL["rtol"], atol=FP32_TOL["atol"
 # kernels, one at a time (interpreter on CPU, fp32)
 
 @pytest.mark.parametrize("rows,k,n", [(1, 40, 72), (7, 72, 40), (33, 24, 40)])
-def test_linear_matches_float64(rows, k, n):
+@pytest.mark.parametrize("gelu", [False, True], ids=["linear", "linear_gelu"])
+def test_linear_matches_float64(rows, k, n, gelu):
     torch.manual_seed(rows)
-    a, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    a, w, b = torch.randn(rows, k), torch.randn(n, k) / math.sqrt(k), torch.randn(n)
     out = poisoned(rows, n)
-    linear(*on_device(a, w, b), out)
-    assert_close64(out, a.double() @ w.double().T + b.double())
+    (linear_gelu if gelu else linear)(*on_device(a, w, b), out)
+    expected = a.double() @ w.double().T + b.double()
+    assert_close64(out, F.gelu(expected) if gelu else expected)
 
 
 @pytest.mark.parametrize("state_rows,repeat,width", [(7, 2, 40), (1, 1, 72), (33, 1, 40)])
@@ -283,6 +285,10 @@ def test_launchers_reject_bad_input():
         linear(x, w.double(), b, out)
     with pytest.raises(ValueError, match="unit column stride"):
         linear(torch.randn(40, 4, device=DEVICE).T, w, b, out)
+    with pytest.raises(ValueError, match="out must have 4 rows"):
+        linear_gelu(x, w, b, torch.empty(3, 40, device=DEVICE))
+    with pytest.raises(ValueError, match="must not alias"):
+        linear_gelu(x, w, b, x)
 
 
 def final_layer_step64(h, shift, scale, w, b, x_t, noise, diffusion, step, temperature, cfg, uncond, clip):

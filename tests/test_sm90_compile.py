@@ -10,7 +10,7 @@ from marfast import DiffLoss
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import ddpm_sample_loop_fused, packed_head, release_fused_cache
 from marfast.kernels.add_layernorm import add_layernorm
-from marfast.kernels.linear_fused import interpreting
+from marfast.kernels.linear_fused import interpreting, linear_gelu
 
 from sm90 import H100_SHARED_BYTES, compile_for_h100, record_launches
 
@@ -92,14 +92,23 @@ def test_fused_training_kernels_compile_for_h100(monkeypatch):
     check_compiles(launches)
 
 
-def test_transformer_norm_kernels_compile_for_h100(monkeypatch):
+def test_transformer_inference_kernels_compile_for_h100(monkeypatch):
     """The blocks' fused LayerNorms at the MAR transformer widths (768, 1024, 1280) writing bf16,
-    with and without the residual add."""
+    with and without the residual add; the MLP's fc1 + GELU GEMM at mar_base's width (every
+    tuning candidate at a mid and a large row count)."""
     with record_launches(monkeypatch) as launches:
         for width in (768, 1024, 1280):
             x, update = torch.randn(5, width), torch.randn(5, width, dtype=torch.bfloat16)
             weight, bias = torch.ones(width), torch.zeros(width)
             for branch in (update, None):
                 add_layernorm(x, branch, weight, bias, 1e-6, torch.bfloat16)
-    assert len(launches) == 6
-    check_waits_for_previous_grid(check_compiles(launches))
+        for rows in (256, 640):
+            linear_gelu(torch.randn(rows, 768, dtype=torch.bfloat16), torch.randn(3072, 768, dtype=torch.bfloat16),
+                        torch.randn(3072), torch.empty(rows, 3072, dtype=torch.bfloat16))
+    names = [launch["name"] for launch in launches]
+    assert names.count("_add_layernorm_kernel") == 6 and "_linear_fused_kernel" in names
+    compiled = check_compiles(launches)
+    check_waits_for_previous_grid(compiled)
+    gelu = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
+    assert gelu and all(k["constants"]["EPILOGUE"] == 3 for k in gelu)
+    assert any(k["warpgroup_mmas"] > 0 for k in gelu), "the large-row GEMM configurations use wgmma"
