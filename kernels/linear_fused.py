@@ -604,24 +604,21 @@ def linear(a, weight, bias, out):
     a: any float dtype (cast to weight dtype before the dot); weight: fp32/bf16/fp16 [N, K];
     bias: float [N]; out: preallocated [M, N], unit column stride. Returns out.
     """
-    device, n, k = _check_linear(a, weight, bias, out)
-    if out.shape[0] != a.shape[0]:
-        raise ValueError(f"out must have {a.shape[0]} rows, got {out.shape[0]}")
-    _check_no_alias("out", out, "a", a)
-    return _launch(a, weight, bias, out)
+    return _linear_with_epilogue(a, weight, bias, out, EPILOGUE_BIAS)
 
 
 def linear_gelu(a, weight, bias, out):
-    """out[M, N] = GELU(a[M, K] @ weight[N, K]^T + bias[N]), the exact GELU, fp32 epilogue.
+    """out[M, N] = GELU(a[M, K] @ weight[N, K]^T + bias[N]), the exact GELU in the fp32 epilogue;
+    arguments as in `linear`. Returns out."""
+    return _linear_with_epilogue(a, weight, bias, out, EPILOGUE_BIAS_GELU)
 
-    a: any float dtype (cast to weight dtype before the dot); weight: fp32/bf16/fp16 [N, K];
-    bias: float [N]; out: preallocated [M, N], unit column stride. Returns out.
-    """
-    device, n, k = _check_linear(a, weight, bias, out)
+
+def _linear_with_epilogue(a, weight, bias, out, epilogue):
+    _check_linear(a, weight, bias, out)
     if out.shape[0] != a.shape[0]:
         raise ValueError(f"out must have {a.shape[0]} rows, got {out.shape[0]}")
     _check_no_alias("out", out, "a", a)
-    return _launch(a, weight, bias, out, epilogue=EPILOGUE_BIAS_GELU)
+    return _launch(a, weight, bias, out, epilogue=epilogue)
 
 
 def input_projection(state, weight, bias, residual_out, stats_out):
