@@ -263,3 +263,24 @@ def test_stratified_steps_count_exactly_their_share_of_the_work():
     known_and_predicted = harness.mar_schedule(256, 64)
     assert sum(predicted for _, predicted in known_and_predicted) == 256
     assert known_and_predicted[0] == (0, known_and_predicted[1][0])
+
+
+@pytest.mark.parametrize("before", [None, "1"])
+def test_no_pdl_provider_sets_and_restores_the_pdl_switch(before, monkeypatch):
+    """The head benchmark's marfast_fused_no_pdl provider runs its call with MARFAST_PDL=0 and
+    leaves the variable as it found it (unset or set), even when the call raises."""
+    import os
+
+    from benchmarks.test_bench_head_sampling import _pdl_off
+    from marfast.kernels.linear_fused import PDL_ENV, programmatic_launch
+
+    if before is None:
+        monkeypatch.delenv(PDL_ENV, raising=False)
+    else:
+        monkeypatch.setenv(PDL_ENV, before)
+    with pytest.raises(RuntimeError, match="inside"):
+        with _pdl_off():
+            assert os.environ[PDL_ENV] == "0"
+            assert programmatic_launch(torch.device("cuda")) == {"PDL": False, "launch_pdl": False}
+            raise RuntimeError("inside")
+    assert os.environ.get(PDL_ENV) == before
