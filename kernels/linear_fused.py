@@ -72,6 +72,8 @@ PROLOGUE_MAX_ROWS = 64
 _PROLOGUE_CHOICE = {}
 
 PDL_ENV = "MARFAST_PDL"
+# Triton releases before grid dependency control (gdc_wait) launch without PDL.
+HAS_GRID_DEPENDENCY_CONTROL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 # With PDL, GEMMs of at most this many rows (weight-streaming bound) prefetch their weight slab into
 # L2 before the grid dependency wait, i.e. while the previous kernel still runs.
 PREFETCH_MAX_ROWS = 64
@@ -328,7 +330,8 @@ def programmatic_launch(device):
     setting = os.environ.get(PDL_ENV, "1")
     if setting not in ("0", "1"):
         raise ValueError(f"{PDL_ENV} must be 0 or 1, got {setting!r}")
-    on = setting == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    on = (setting == "1" and device.type == "cuda" and HAS_GRID_DEPENDENCY_CONTROL
+          and torch.cuda.get_device_capability(device)[0] >= 9)
     return {"PDL": on, "launch_pdl": on}
 
 
