@@ -183,6 +183,7 @@ def software_info():
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(
+            programmatic_dependent_launch=_programmatic_launch_state(),
             cuda_device_name=props.name,
             compute_capability=f"{props.major}.{props.minor}",
             sm_count=props.multi_processor_count,
@@ -193,6 +194,15 @@ def software_info():
     else:
         info["torch_threads"] = torch.get_num_threads()
     return info
+
+
+def _programmatic_launch_state():
+    """Whether marfast's sampling kernels launch with PDL on the current CUDA device (or why not)."""
+    try:
+        from marfast.kernels.linear_fused import programmatic_launch
+    except ImportError as error:
+        return f"unknown ({error})"
+    return "on" if programmatic_launch(torch.device("cuda", torch.cuda.current_device()))["PDL"] else "off"
 
 
 def device_label():

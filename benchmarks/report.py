@@ -163,6 +163,8 @@ def header_line(results):
         attention = ", ".join(f"{k}: {v}" for k, v in attention.items())
     if attention:
         parts.append(f"attention {attention}")
+    if "programmatic_dependent_launch" in software:
+        parts.append(f"PDL {software['programmatic_dependent_launch']}")
     roof = results["roofline"]
     if roof:
         parts.append(f"measured roofline {roof['matmul_tflops']:.4g} TFLOP/s {roof['matmul_dtype']} matmul, "

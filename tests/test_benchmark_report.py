@@ -49,7 +49,8 @@ def results_json(tmp_path):
     data = {
         "machine_info": {"marfast": {
             "software": {"torch": "2.11.0", "triton": "3.6.0", "flash_attn": "not installed",
-                         "attention_backend": {"requested": "auto", "cuda_bf16_head_dim64": "sdpa_flash"}},
+                         "attention_backend": {"requested": "auto", "cuda_bf16_head_dim64": "sdpa_flash"},
+                         "programmatic_dependent_launch": "on"},
             "nvml_at_end": {"gpu_name": "NVIDIA H100 80GB HBM3", "driver_version": "570.1"},
         }},
         "datetime": "2026-11-23T10:00:00+00:00",
@@ -73,7 +74,7 @@ def test_markdown_table_lists_every_result_with_its_numbers(results_json):
     markdown = report.markdown_table(results)
     header = markdown.splitlines()[0]
     for part in ("NVIDIA H100 80GB HBM3", "2026-11-23", "driver 570.1", "torch 2.11.0", "triton 3.6.0",
-                 "sdpa_flash", "800 TFLOP/s bfloat16 matmul", "3000 GB/s copy"):
+                 "sdpa_flash", "PDL on", "800 TFLOP/s bfloat16 matmul", "3000 GB/s copy"):
         assert part in header, part
     rows = table_rows(markdown)
     assert len(rows) == 9  # the benchmark without marfast extra_info is left out
