@@ -18,6 +18,7 @@ Providers, timed side by side in one run (reference first, so that the others' s
 """
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -83,17 +84,9 @@ def _sample_with_net(head, net, z, cfg):
     return ddpm_sample_loop_reference(net, head.gen_diffusion, z, x, 1.0, cfg, draw_noise)
 
 
-@contextlib.contextmanager
 def _pdl_off():
-    previous = os.environ.get(PDL_ENV)
-    os.environ[PDL_ENV] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[PDL_ENV]
-        else:
-            os.environ[PDL_ENV] = previous
+    """MARFAST_PDL=0 for the duration of a with-block; the environment is restored afterwards."""
+    return mock.patch.dict(os.environ, {PDL_ENV: "0"})
 
 
 @pytest.mark.parametrize("spec, rows, provider", _cases())

@@ -23,6 +23,8 @@ import tempfile
 
 import torch
 
+# global loads, stores, atomics and asynchronous copies (not prefetches) in PTX
+GLOBAL_MEMORY_PTX = re.compile(r"\b(?:ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90 (227 KiB)
 
 
@@ -107,6 +109,7 @@ def _compile_all(launches):
         kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
         usage = _resource_usage(kernel.asm["cubin"], os.path.dirname(triton.__file__))
         ptx = kernel.asm["ptx"]
+        before_wait = ptx.split("griddepcontrol.wait")[0]
         results.append({"name": launch["name"],
                         "constants": {jit.arg_names[path[0]]: value for path, value in constexprs.items()},
                         "num_warps": options.num_warps, "num_stages": options.num_stages,
@@ -118,22 +121,11 @@ def _compile_all(launches):
                         "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
                         "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx)),
                         "l2_prefetches": len(re.findall(r"\bprefetch\.global\.L2", ptx)),
-                        "l2_prefetches_before_wait": len(re.findall(r"\bprefetch\.global\.L2",
-                                                                    ptx.split("griddepcontrol.wait")[0])),
+                        "l2_prefetches_before_wait": len(re.findall(r"\bprefetch\.global\.L2", before_wait)),
                         "grid_dependency_waits": len(re.findall(r"\bgriddepcontrol\.wait\b", ptx)),
                         "launch_dependents": len(re.findall(r"\bgriddepcontrol\.launch_dependents\b", ptx)),
-                        "memory_before_wait": _memory_before_wait(ptx)})
+                        "memory_before_wait": before_wait == ptx or GLOBAL_MEMORY_PTX.search(before_wait) is not None})
     return results
-
-
-GLOBAL_MEMORY_PTX = re.compile(r"\b(?:ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
-
-
-def _memory_before_wait(ptx):
-    """True when a global load, store, atomic or async copy comes before the first
-    griddepcontrol.wait (or when there is no wait at all)."""
-    wait = re.search(r"\bgriddepcontrol\.wait\b", ptx)
-    return wait is None or GLOBAL_MEMORY_PTX.search(ptx, 0, wait.start()) is not None
 
 
 def _resource_usage(cubin, triton_dir):
