@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import (STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats, _check_vector,
-                           _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision, gpu_configs,
+from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
+                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision, gpu_configs,
                            interpreting, programmatic_launch, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
@@ -111,9 +111,6 @@ def step_coefficients(diffusion, step):
     )
 
 
-FEW_ROWS = 64
-
-
 def _candidate_block_sizes(rows, width, channels, gpu):
     """(BLOCK_M, BLOCK_C, BLOCK_K, num_warps) candidates, the last a fallback (see `_tuned_config`).
 
@@ -125,7 +122,7 @@ def _candidate_block_sizes(rows, width, channels, gpu):
         return [(min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4)]
     block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
     shapes = [(block_k, 4)]
-    if rows <= FEW_ROWS:
+    if rows <= SKINNY_MAX_ROWS:
         shapes += [(min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 4), (256, 8))]
     candidates = []
     for k, warps in shapes + [(min(32, block_k), 4)]:

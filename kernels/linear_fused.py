@@ -25,7 +25,7 @@ programmatic dependent launch (PDL constexpr, `programmatic_launch(device)`: CUD
 MARFAST_PDL=0): the kernel is launched with `launch_pdl` and starts with `wait_for_previous_grid`,
 so its blocks can be scheduled while the previous kernel on the stream drains (hiding the launch
 gap between the ~14 kernels of each DDPM step) and touch memory only once that kernel is done. At
-up to PREFETCH_MAX_ROWS rows the blocks first ask L2 for their weight slab (PREFETCH_K > 0), so
+up to SKINNY_MAX_ROWS rows the blocks first ask L2 for their weight slab (PREFETCH_K > 0), so
 the weight stream of a skinny GEMM overlaps the tail of the kernel before it.
 
 split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
@@ -74,9 +74,10 @@ _PROLOGUE_CHOICE = {}
 PDL_ENV = "MARFAST_PDL"
 # Triton releases before grid dependency control (gdc_wait) launch without PDL.
 HAS_GRID_DEPENDENCY_CONTROL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
-# With PDL, GEMMs of at most this many rows (weight-streaming bound) prefetch their weight slab into
-# L2 before the grid dependency wait, i.e. while the previous kernel still runs.
-PREFETCH_MAX_ROWS = 64
+# GEMMs of at most this many rows are weight-streaming bound (a few output tiles walk all of K):
+# they also try K splits, and with PDL they prefetch their weight slab into L2 before the grid
+# dependency wait, i.e. while the previous kernel still runs.
+SKINNY_MAX_ROWS = 64
 
 
 @triton.jit
@@ -487,13 +488,12 @@ def _check_no_alias(out_name, out, in_name, inp):
         raise ValueError(f"{out_name} must not alias {in_name} (the launch must be repeatable)")
 
 
-SPLIT_K_MAX_ROWS = 64
 SPLIT_K_PROGRAMS = 128
 
 
 def _with_split_k(configs, M, N, K, gpu, has_workspace):
     """Each configuration as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): unsplit,
-    and (with a split-K workspace, on a GPU, for at most SPLIT_K_MAX_ROWS rows, all but the
+    and (with a split-K workspace, on a GPU, for at most SKINNY_MAX_ROWS rows, all but the
     fallback) also split along K into enough parts that about SPLIT_K_PROGRAMS programs run. A
     skinny GEMM has few output tiles (32 for N = 1024 in 32-column tiles): split, more SMs stream
     its weights, each over fewer K steps; the tuner keeps whichever runs faster.
@@ -502,7 +502,7 @@ def _with_split_k(configs, M, N, K, gpu, has_workspace):
     out = []
     for bm, bn, bk, warps, stages in tuned:
         out.append((bm, bn, bk, warps, stages, 1))
-        if gpu and has_workspace and M <= SPLIT_K_MAX_ROWS:
+        if gpu and has_workspace and M <= SKINNY_MAX_ROWS:
             tiles, k_steps = triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, bk)
             wanted = min(k_steps, triton.cdiv(SPLIT_K_PROGRAMS, tiles))
             split = triton.cdiv(k_steps, triton.cdiv(k_steps, wanted))  # as many parts, none of them empty
@@ -568,7 +568,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         k_split_len = triton.cdiv(triton.cdiv(K, block_k), split) * block_k
         if split > 1:
             split_k.reserve(tiles * split * block_m * block_n, tiles)
-        prefetch_k = min(block_k, 128 // weight.element_size()) if args["PDL"] and M <= PREFETCH_MAX_ROWS else 0
+        prefetch_k = min(block_k, 128 // weight.element_size()) if args["PDL"] and M <= SKINNY_MAX_ROWS else 0
         _linear_fused_kernel[(tiles * split,)](
             **args, partials_ptr=split_k.partials if split > 1 else dummy,
             counters_ptr=split_k.counters if split > 1 else dummy, k_split_len=k_split_len,
@@ -649,7 +649,7 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
     residual: fp32 [M, K] with its group statistics `stats` (stats_shape(M, K)); ln_weight,
     ln_bias: float [K] (both None for a parameter-free LayerNorm); shift, scale: [M, K] views
     sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. split_k:
-    a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SPLIT_K_MAX_ROWS
+    a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SKINNY_MAX_ROWS
     rows, on CUDA). The LN-modulate runs in the GEMM's prologue or as its own pass before a plain
     GEMM (above PROLOGUE_MAX_ROWS; at fewer rows on CUDA whichever is timed faster). Returns out.
     """
