@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
-                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision, gpu_configs,
-                           interpreting, programmatic_launch, wait_for_previous_grid)
+                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision,
+                           gpu_configs, interpreting, programmatic_launch, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 
