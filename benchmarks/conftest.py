@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from .harness import BenchSession, Budget, device_clock
-from .machine import nvml_state, software_info
+from .machine import kernel_timings, nvml_state, software_info
 
 BENCH_DIR = Path(__file__).resolve().parent
 SESSION = {"bench": None, "budget": None, "nvml_at_start": None, "skipped": [], "started": None}
@@ -128,4 +128,5 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "budget_s": config.getoption("--bench-budget-s"),
         "skipped": SESSION["skipped"],
         "torch_threads_during_benchmarks": SESSION.get("torch_threads"),
+        "timed_choices": kernel_timings(),
     }

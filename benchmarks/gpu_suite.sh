@@ -15,7 +15,8 @@
 #   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
 #   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
-#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace), mar_base batch 1 with
+#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace) and at 4096 rows, the
+#                 6x1024 training call at 65,536 rows fused and reference, mar_base batch 1 with
 #                 64 AR steps fused, without and with CUDA graphs of the transformer steps; writes
 #                 profile-*.json and profile-<tag>.log into the out dir
 #   --profile-only  only those profiles (no tests, no benchmarks), with the whole limit
@@ -178,8 +179,12 @@ if [ "$PROFILE" = 1 ]; then
   if [ "${TAG#cpu-}" != "$TAG" ]; then  # --allow-cpu without a GPU: the tiny reference cases exercise this step
     profile_case head --case head --head tiny --rows 8 --provider reference --calls 1
     profile_case mar --case mar --head tiny --batch 1 --num-iter 4 --provider reference --calls 1
-  else
+    profile_case training --case training --head tiny --provider reference --calls 1
+  else  # most telling first: the few-row head loop, the many-row one, training, then MAR at batch 1
     profile_case head --case head --head 6x1024 --rows 8 --provider fused --trace
+    profile_case head-4096 --case head --head 6x1024 --rows 4096 --provider fused
+    profile_case training --case training --head 6x1024 --provider fused
+    profile_case training-reference --case training --head 6x1024 --provider reference
     MARFAST_CUDA_GRAPHS=0 profile_case mar --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2
     profile_case mar-graphs --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2 --cuda-graphs
   fi

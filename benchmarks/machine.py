@@ -205,6 +205,16 @@ def _programmatic_launch_state():
     return "on" if programmatic_launch(torch.device("cuda", torch.cuda.current_device()))["PDL"] else "off"
 
 
+def kernel_timings():
+    """Every kernel configuration and way that marfast timed in this process
+    (`marfast.kernels.linear_fused.timed_choices`), or why it is unknown."""
+    try:
+        from marfast.kernels.linear_fused import timed_choices
+    except ImportError as error:
+        return f"unknown ({error})"
+    return timed_choices()
+
+
 def device_label():
     """Short device name for file names and table headers, e.g. 'NVIDIA-H100-80GB-HBM3' or 'cpu'."""
     if not torch.cuda.is_available():

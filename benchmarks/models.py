@@ -97,6 +97,26 @@ def build_head(spec, device, dtype, backend, state_dict=None):
     return head.to(dtype=dtype).eval()
 
 
+def training_inputs(spec, rows, device, dtype):
+    """One DiffLoss training call's inputs for `rows` rows (seeded by rows): target in [-1, 1], z in
+    `dtype`, a mask keeping about 87% of the rows, integer timesteps and noise."""
+    gen = torch.Generator(device=device).manual_seed(rows)
+    return dict(target=torch.rand(rows, spec.channels, device=device, generator=gen) * 2 - 1,
+                z=torch.randn(rows, spec.z_channels, device=device, generator=gen).to(dtype),
+                mask=(torch.rand(rows, device=device, generator=gen) < 0.87).float(),
+                t=torch.randint(0, 1000, (rows,), device=device, generator=gen),
+                noise=torch.randn(rows, spec.channels, device=device, generator=gen))
+
+
+def training_step(head, inputs):
+    """One training call: zero the gradients (set to None), the masked DiffLoss, its backward;
+    returns the detached loss."""
+    head.zero_grad(set_to_none=True)
+    loss = head(inputs["target"], inputs["z"], inputs["mask"], t=inputs["t"], noise=inputs["noise"])
+    loss.backward()
+    return loss.detach()
+
+
 MAR_PRESET_BUILDERS = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge}
 
 

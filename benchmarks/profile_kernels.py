@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_kernels --case head --head 6x1024 --rows 8 --out DIR
     python -m benchmarks.profile_kernels --case mar --head 6x1024 --batch 1 --cuda-graphs --out DIR
+    python -m benchmarks.profile_kernels --case training --head 6x1024 --rows 65536 --out DIR
 
 Cases (built with the benchmark suite's builders, benchmarks/models.py, with the same weights,
 dtypes and CFG scales as the benchmarks):
@@ -9,9 +10,15 @@ dtypes and CFG scales as the benchmarks):
   conditional, half unconditional), 100 DDPM steps, bf16 weights and a float32 state on CUDA;
 - mar: `sample_tokens` of the MAR preset whose released head `--head` names (6x1024: mar_base,
   8x1280: mar_large, 12x1536: mar_huge; tiny: the suite's 16-token CPU model) at `--batch` images,
-  `--num-iter` AR steps, the released CFG scale with the linear schedule, bf16 autocast on CUDA.
+  `--num-iter` AR steps, the released CFG scale with the linear schedule, bf16 autocast on CUDA;
+- training: one `DiffLoss` training call of a head size at `--rows` rows (default 65,536 on CUDA:
+  a MAR batch of 64 x 256 tokens x diffusion_batch_mul 4), bf16 weights: zero_grad, the masked
+  loss, its backward, as the training benchmark (benchmarks/test_bench_training.py) times it; the
+  JSON adds the matmul floor of its FLOPs and the call's peak memory.
 Providers: `fused` (head: `DiffLoss(backend="triton").sample`; mar: `MAR.sample_tokens_fast` with
-the fused head) and `reference` (the plain-PyTorch loops with the reference head). On the CPU only
+the fused head; training: `DiffLoss(backend="triton")`, marfast.fused_training), `reference` (the
+plain-PyTorch loops and modules with the reference head) and, for training only, `compile`
+(`torch.compile` of the reference denoiser). On the CPU only
 `--head tiny` with `--provider reference` is accepted (the Triton interpreter is a correctness tool,
 not something to profile); anything else exits with status 2 and says why.
 
@@ -52,16 +59,20 @@ from marfast.mar import set_norm_backend
 from marfast.sampler import CUDA_GRAPHS_ENV_VAR, cuda_graphs_requested
 
 from .harness import head_sampling_work, head_weight_split, mar_sampling_bytes, measure_roofline
-from .machine import device_label, nvml_state, software_info
+from .machine import device_label, kernel_timings, nvml_state, software_info
 from .models import (RELEASED_CFG, RELEASED_HEAD_OF, RELEASED_HEADS, TINY_HEAD, build_head, build_mar,
-                     fused_head_absence)
+                     fused_head_absence, training_inputs, training_step)
 from .test_bench_head_sampling import CFG as HEAD_CFG
 from .test_bench_mar_sampling import HeadTimer
+from .test_bench_training import peak_memory_bytes, plain_forward_calls, training_work
 
 H100_COPY_GBPS = 2987.0  # device-to-device copy bandwidth measured by harness.measure_roofline on the H100
+H100_MATMUL_TFLOPS = 801.0  # bf16 matmul rate measured by harness.measure_roofline on the H100
 HEADS = {**{spec.name: spec for spec in RELEASED_HEADS}, "tiny": TINY_HEAD}
 MAR_OF_HEAD = {**{spec.name: name for name, spec in RELEASED_HEAD_OF.items()}, "tiny": "tiny_mar"}
-PROVIDERS = ("fused", "reference")
+PROVIDERS = ("fused", "reference", "compile")
+CASES = ("head", "mar", "training")
+TRAINING_ROWS = {"cuda": 65536, "cpu": 256}
 CALL_RANGE_PREFIX = "marfast/profiled_call_"
 TABLE_ROWS = 15
 HOST_OPS_KEPT = 30
@@ -83,7 +94,7 @@ class BadOption(ValueError):
 class ProfileCase:
     """One profiled workload: `call()` runs one complete unit (a whole sampling call).
 
-    kind: "head" or "mar"; label: part of the output file name; params: the case's parameters for
+    kind: one of CASES; label: part of the output file name; params: the case's parameters for
     the JSON; steps: the inner loop's steps per call (DDPM steps for the head, AR steps for MAR) and
     step_unit its name; cuda_graphs: {"used": bool, "detail": str}; extra(wall_s): further JSON fields (floors, time
     splits), computed right after the unprofiled calls from their wall times in seconds.
@@ -95,13 +106,13 @@ class ProfileCase:
         self.cuda_graphs, self.extra = cuda_graphs, extra
 
 
-def copy_bandwidth(args, device):
-    """(GB/s, source) of the memory floor: measured by harness.measure_roofline with
-    --measure-bandwidth, else --hbm-gbps."""
-    if args.measure_bandwidth:
+def roofline_rates(args, device):
+    """(copy GB/s, bf16 matmul TFLOP/s, source) of the floors: measured by harness.measure_roofline
+    with --measure-roofline, else --hbm-gbps and --matmul-tflops."""
+    if args.measure_roofline:
         roofline = measure_roofline(device)
-        return roofline.copy_gbps, f"measured in this run: {roofline.method}"
-    return args.hbm_gbps, "--hbm-gbps"
+        return roofline.copy_gbps, roofline.matmul_tflops, f"measured in this run: {roofline.method}"
+    return args.hbm_gbps, args.matmul_tflops, "--hbm-gbps and --matmul-tflops"
 
 
 def build_head_case(args, device):
@@ -127,7 +138,7 @@ def build_head_case(args, device):
                         "(marfast.fused_head)" if fused else "none: the eager reference loop"}
 
     def extra(wall_s):
-        gbps, source = copy_bandwidth(args, device)
+        gbps, _, source = roofline_rates(args, device)
         weight_bytes_per_step = head_weight_split(head.net)[0] * weight_bytes
         _, bytes_min = head_sampling_work(head.net, args.rows, steps, weight_bytes)
         floor_us = bytes_min / steps / (gbps * 1e9) * 1e6
@@ -197,7 +208,7 @@ def build_mar_case(args, device):
               "marfast_cuda_graphs_env": os.environ.get(CUDA_GRAPHS_ENV_VAR, "unset")}
 
     def extra(wall_s):
-        gbps, source = copy_bandwidth(args, device)
+        gbps, _, source = roofline_rates(args, device)
         weight_bytes = 2 if on_gpu else 4
         bytes_min = mar_sampling_bytes(model, num_iter, weight_bytes)
         floor_s = bytes_min / (gbps * 1e9)
@@ -212,6 +223,52 @@ def build_mar_case(args, device):
     label = f"mar-{name}-b{args.batch}-iters{num_iter}-{args.provider}" + ("-graphs" if step_graphs else "")
     return ProfileCase("mar", label, params, timer.wrap(sample), num_iter, "AR step",
                        args.warmup if args.warmup is not None else 1, graphs, extra)
+
+
+def build_training_case(args, device):
+    spec = HEADS[args.head]
+    on_gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    head = build_head(spec, device, dtype, backend="torch").train()
+    if args.provider == "compile":
+        head.net = torch.compile(head.net)
+    inputs = training_inputs(spec, args.rows, device, dtype)
+    if args.provider == "fused":
+        head.backend = "triton"
+        plain_calls = plain_forward_calls(head, inputs)
+        if plain_calls:
+            raise CaseUnavailable(f"DiffLoss(backend='triton').forward ran the plain denoiser forward "
+                                  f"{plain_calls} time(s): the fused training path is not in use")
+    flops, _ = training_work(spec, args.rows, torch.finfo(dtype).bits // 8)
+    params = {"head": spec.name, "depth": spec.depth, "width": spec.width, "z_channels": spec.z_channels,
+              "channels": spec.channels, "rows": args.rows, "weight_dtype": str(dtype).replace("torch.", ""),
+              "provider": args.provider,
+              "call": {"fused": "DiffLoss(backend='triton')", "reference": "DiffLoss(backend='torch')",
+                       "compile": "DiffLoss(backend='torch') with torch.compile(net)"}[args.provider]
+              + ": zero_grad(set_to_none), masked loss, backward"}
+
+    def call():
+        return training_step(head, inputs)
+
+    def extra(wall_s):
+        _, tflops, source = roofline_rates(args, device)
+        floor_us = flops / (tflops * 1e12) * 1e6
+        wall_us = statistics.median(wall_s) * 1e6
+        return {"matmul_floor": {"flops_per_call": flops,
+                                 "flops_counts": "3x the forward FLOPs of every row's denoiser pass and condition "
+                                                 "embedding (benchmarks/test_bench_training.training_work)",
+                                 "matmul_tflops": tflops, "matmul_tflops_source": source,
+                                 "floor_us_per_call": floor_us, "wall_us_per_call_unprofiled": wall_us,
+                                 "wall_over_floor": wall_us / floor_us},
+                "peak_memory_gib": peak_memory_bytes(device, call) / 2**30 if on_gpu else None}
+
+    label = f"training-{spec.name}-rows{args.rows}-{args.provider}"
+    graphs = {"used": False, "detail": "none: forward and backward launch eagerly"}
+    return ProfileCase("training", label, params, call, 1, "training call",
+                       args.warmup if args.warmup is not None else 2, graphs, extra)
+
+
+CASE_BUILDERS = {"head": build_head_case, "mar": build_mar_case, "training": build_training_case}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +457,7 @@ def build_report(case, device, calls, unprofiled, profiled, analysis, extra):
         **{key: value for key, value in analysis.items() if key not in ("device_time_us_per_call",
                                                                          "device_busy_us_per_call")},
         **extra,
+        "timed_choices": kernel_timings(),
     }
     warnings = []
     graph_launches = sum(analysis.get("runtime_calls_per_call", {}).get(name, 0.0) for name in GRAPH_LAUNCH_NAMES)
@@ -416,6 +474,10 @@ def build_report(case, device, calls, unprofiled, profiled, analysis, extra):
 
 def shorten(name, width):
     return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def _ms(value):
+    return f"{value:.4f} ms" if isinstance(value, float) else "did not run"
 
 
 def print_table(report, stream=None):
@@ -441,6 +503,13 @@ def print_table(report, stream=None):
         lines.append(f"weight-streaming floor {floor['floor_s_per_call'] * 1e3:.2f} ms/call "
                      f"({floor['bytes_min_per_call'] / 1e9:.3f} GB at {floor['hbm_gbps']:.0f} GB/s); "
                      f"unprofiled wall / floor = {floor['wall_over_floor']:.1f}x")
+    matmul = report.get("matmul_floor")
+    if matmul:
+        lines.append(f"matmul floor {matmul['floor_us_per_call']:.1f} us/call ({matmul['flops_per_call'] / 1e12:.2f} "
+                     f"TFLOP at {matmul['matmul_tflops']:.0f} TFLOP/s); unprofiled wall / floor = "
+                     f"{matmul['wall_over_floor']:.2f}x")
+    if report.get("peak_memory_gib") is not None:
+        lines.append(f"peak memory of one call: {report['peak_memory_gib']:.2f} GiB")
     gaps = report.get("idle_gaps_between_kernels")
     if gaps:
         lines.append(f"idle gaps between kernels: {gaps['count_per_call']:.0f} per call, "
@@ -457,6 +526,14 @@ def print_table(report, stream=None):
     for row in report["kernels"][:TABLE_ROWS]:
         lines.append(f"{row['us_per_call']:11.1f} {100 * row['share']:5.1f}% {row['calls_per_call']:10.1f} "
                      f"{row['avg_us']:9.2f}  {shorten(row['name'], 90)}")
+    choices = report.get("timed_choices")
+    if isinstance(choices, list) and choices:
+        lines.append(f"timed choices ({len(choices)}): kept candidate and its ms per call, then the others")
+        for decision in choices[:TABLE_ROWS]:
+            times = decision["ms_per_call"]
+            others = ", ".join(f"{name} {_ms(ms)}" for name, ms in times.items() if name != decision["chosen"])
+            lines.append(f"  {shorten(decision['what'], 60)} [{shorten(', '.join(decision['key']), 70)}]: "
+                         f"{decision['chosen']} {_ms(times[decision['chosen']])}; {shorten(others, 160)}")
     lines.extend(f"warning: {text}" for text in report["warnings"])
     print("\n".join(lines), file=stream or sys.stdout)
 
@@ -467,12 +544,14 @@ def print_table(report, stream=None):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_kernels", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=("head", "mar"), required=True)
+    parser.add_argument("--case", choices=CASES, required=True)
     parser.add_argument("--head", choices=tuple(HEADS), default=None,
                         help="head size; for --case mar the MAR preset with that released head "
                              f"({', '.join(f'{h}: {m}' for h, m in MAR_OF_HEAD.items())}); "
                              "default 6x1024 on CUDA, tiny on the CPU")
-    parser.add_argument("--rows", type=int, default=8, help="head case: denoiser rows, even (CFG), default 8")
+    parser.add_argument("--rows", type=int, default=None,
+                        help="head case: denoiser rows, even (CFG), default 8; training case: rows of the "
+                             f"training batch, default {TRAINING_ROWS['cuda']} on CUDA, {TRAINING_ROWS['cpu']} on the CPU")
     parser.add_argument("--batch", type=int, default=1, help="mar case: images per call, default 1")
     parser.add_argument("--num-iter", type=int, default=None,
                         help="mar case: AR steps, default 64 (at most the model's token count)")
@@ -486,13 +565,19 @@ def parse_args(argv):
     parser.add_argument("--hbm-gbps", type=float, default=H100_COPY_GBPS,
                         help=f"memory bandwidth of the weight-streaming floor, default {H100_COPY_GBPS:g} "
                              "(the copy bandwidth measured on the H100)")
-    parser.add_argument("--measure-bandwidth", action="store_true",
-                        help="measure the copy bandwidth here (harness.measure_roofline) instead of --hbm-gbps")
+    parser.add_argument("--matmul-tflops", type=float, default=H100_MATMUL_TFLOPS,
+                        help=f"bf16 matmul rate of the training case's floor, default {H100_MATMUL_TFLOPS:g} "
+                             "(measured on the H100)")
+    parser.add_argument("--measure-roofline", action="store_true",
+                        help="measure the copy bandwidth and matmul rate here (harness.measure_roofline) instead "
+                             "of --hbm-gbps and --matmul-tflops")
     parser.add_argument("--trace", action="store_true", help="also write the Chrome trace (large for --case mar)")
     parser.add_argument("--init-profiler-early", action="store_true",
                         help="run an empty profiler session before building the case, so that CUDA graphs are "
                              "captured after CUPTI is initialised (a workaround for crashes on older CUDA stacks)")
     args = parser.parse_args(argv)
+    if args.provider == "compile" and args.case != "training":
+        parser.error("--provider compile applies to --case training")
 
     on_gpu = torch.cuda.is_available()
     args.head = args.head or ("6x1024" if on_gpu else "tiny")
@@ -505,14 +590,18 @@ def parse_args(argv):
         if refused:
             parser.error(f"no CUDA device: {', '.join(refused)} cannot be profiled on the CPU (the fused paths "
                          "run only under the Triton interpreter there, a correctness tool)")
-    if args.rows < 2 or args.rows % 2:
+    if args.rows is None:
+        args.rows = TRAINING_ROWS["cuda" if on_gpu else "cpu"] if args.case == "training" else 8
+    if args.case == "head" and (args.rows < 2 or args.rows % 2):
         parser.error(f"--rows must be even and >= 2 (CFG: conditional and unconditional halves), got {args.rows}")
+    if args.rows < 1:
+        parser.error(f"--rows must be >= 1, got {args.rows}")
     if args.batch < 1 or args.calls < 1 or (args.warmup is not None and args.warmup < 0):
         parser.error("--batch and --calls must be >= 1 and --warmup >= 0")
     if args.cuda_graphs and args.case != "mar":
         parser.error("--cuda-graphs applies to --case mar (the fused head always replays its own graphs)")
-    if args.hbm_gbps <= 0:
-        parser.error("--hbm-gbps must be positive")
+    if args.hbm_gbps <= 0 or args.matmul_tflops <= 0:
+        parser.error("--hbm-gbps and --matmul-tflops must be positive")
     return args
 
 
@@ -528,7 +617,7 @@ def main(argv=None):
         with profile(activities=activities):
             pass
     try:
-        case = (build_head_case if args.case == "head" else build_mar_case)(args, device)
+        case = CASE_BUILDERS[args.case](args, device)
     except CaseUnavailable as error:
         print(f"profile_kernels: {error}", file=sys.stderr)
         return 3

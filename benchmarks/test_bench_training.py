@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from .harness import COMPILE, FUSED, PROVIDER_ORDER, REFERENCE, Work, head_flops_per_row_step
-from .models import RELEASED_HEADS, TINY_HEAD, build_head
+from .models import RELEASED_HEADS, TINY_HEAD, build_head, training_inputs, training_step
 
 ON_GPU = torch.cuda.is_available()
 GPU_ROWS, CPU_ROWS = 65536, 256
@@ -54,40 +54,29 @@ def _head(bench, spec, backend):
 
 
 def _inputs(bench, spec, rows):
-    key = ("training_inputs", spec, rows)
-    if key not in bench.cache:
-        gen = torch.Generator(device=bench.device).manual_seed(rows)
-        dtype = torch.bfloat16 if bench.on_gpu else torch.float32
-        bench.cache[key] = dict(
-            target=torch.rand(rows, spec.channels, device=bench.device, generator=gen) * 2 - 1,
-            z=torch.randn(rows, spec.z_channels, device=bench.device, generator=gen).to(dtype),
-            mask=(torch.rand(rows, device=bench.device, generator=gen) < 0.87).float(),
-            t=torch.randint(0, 1000, (rows,), device=bench.device, generator=gen),
-            noise=torch.randn(rows, spec.channels, device=bench.device, generator=gen),
-        )
-    return bench.cache[key]
+    dtype = torch.bfloat16 if bench.on_gpu else torch.float32
+    return bench.cached(("training_inputs", spec, rows), lambda: training_inputs(spec, rows, bench.device, dtype))
 
 
-def _plain_forward_calls(head, inputs):
+def plain_forward_calls(head, inputs):
     """How often the denoiser's plain forward runs in one training call of `head`."""
     calls = []
     hook = head.net.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        head.zero_grad(set_to_none=True)
-        head(inputs["target"], inputs["z"], inputs["mask"], t=inputs["t"], noise=inputs["noise"]).backward()
+        training_step(head, inputs)
     finally:
         hook.remove()
     return len(calls)
 
 
-def _peak_memory_bytes(bench, fn):
-    """Peak bytes allocated during one fn() call above what was allocated before it (CUDA)."""
-    torch.cuda.synchronize(bench.device)
-    before = torch.cuda.memory_allocated(bench.device)
-    torch.cuda.reset_peak_memory_stats(bench.device)
+def peak_memory_bytes(device, fn):
+    """Peak bytes allocated on the CUDA `device` during one fn() call above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     fn()
-    torch.cuda.synchronize(bench.device)
-    return torch.cuda.max_memory_allocated(bench.device) - before
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def training_work(spec, rows, weight_bytes):
@@ -108,15 +97,12 @@ def test_head_training_step(benchmark, bench, spec, rows, provider):
     head = _head(bench, spec, backend)
     inputs = _inputs(bench, spec, rows)
     if provider == FUSED:
-        plain_calls = _plain_forward_calls(head, inputs)
+        plain_calls = plain_forward_calls(head, inputs)
         if plain_calls:
             pytest.skip(f"DiffLoss(backend='triton').forward ran the plain denoiser forward {plain_calls} time(s)")
 
     def step(model=head):
-        model.zero_grad(set_to_none=True)
-        loss = model(inputs["target"], inputs["z"], inputs["mask"], t=inputs["t"], noise=inputs["noise"])
-        loss.backward()
-        return loss.detach()
+        return training_step(model, inputs)
 
     def check(loss):
         if not torch.isfinite(loss):
@@ -136,11 +122,11 @@ def test_head_training_step(benchmark, bench, spec, rows, provider):
         notes=["one call: zero_grad(set_to_none) + DiffLoss forward (masked loss) + backward",
                "flops: 3x forward (time embedding excluded: it is per timestep)"])
     if bench.on_gpu:
-        peak = _peak_memory_bytes(bench, step)
+        peak = peak_memory_bytes(bench.device, step)
         bench.cache[("training_peak", spec, rows, provider)] = peak
         benchmark.extra_info["peak_memory_gib"] = peak / 2**30
         reference_peak = bench.cache.get(("training_peak", spec, rows, REFERENCE))
         if reference_peak is None and provider != REFERENCE:
-            reference_peak = _peak_memory_bytes(bench, lambda: step(_head(bench, spec, "torch")))
+            reference_peak = peak_memory_bytes(bench.device, lambda: step(_head(bench, spec, "torch")))
             bench.cache[("training_peak", spec, rows, REFERENCE)] = reference_peak
         benchmark.extra_info["peak_memory_vs_reference"] = peak / reference_peak

@@ -189,5 +189,5 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
     candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device))
     key = ("final_layer_ddpm_step", rows, net_rows, width, channels, weight.dtype, bool(use_cfg), bool(add_noise),
            bool(clip_x0), str(device))
-    run(_tuned_config(key, candidates, run))
+    run(_tuned_config(key, candidates, run, "final_layer_ddpm_step"))
     return out

@@ -57,6 +57,10 @@ EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
 EPILOGUE_GATED_RESIDUAL = 2
 EPILOGUE_BIAS_GELU = 3
+PROLOGUE_NAMES = {PROLOGUE_NONE: "", PROLOGUE_LN_MODULATE: "LN-modulate prologue, ",
+                  PROLOGUE_LN_AFFINE_MODULATE: "affine LN-modulate prologue, "}
+EPILOGUE_NAMES = {EPILOGUE_BIAS: "bias", EPILOGUE_BIAS_SILU: "bias + SiLU",
+                  EPILOGUE_GATED_RESIDUAL: "gated residual", EPILOGUE_BIAS_GELU: "bias + GELU"}
 
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -388,6 +392,7 @@ def _candidate_configs(M, N, K, element_bytes, gpu, heavy_epilogue=False):
 
 
 _TUNED = {}
+_TIMINGS = {}  # (what, key) -> {config or way: ms per call, or the reason it could not run}
 TUNE_REPEATS = 10
 TUNE_EXACT_ROWS = 4096
 TUNE_QUEUE_CYCLES = 5_000_000
@@ -406,31 +411,33 @@ def time_launches(run, repeats=TUNE_REPEATS):
     return start.elapsed_time(end)
 
 
-def _tuned_config(key, candidates, launch):
+def _tuned_config(key, candidates, launch, what):
     """The fastest fitting candidate for `key` (timed once with CUDA events), or the only candidate.
 
     launch(config) runs the kernel; every launcher's kernel is idempotent (outputs never alias
-    inputs), so timing reruns are harmless.
+    inputs), so timing reruns are harmless. what: the kernel's name in errors and `timed_choices`.
     """
     if len(candidates) == 1:
         return candidates[0]
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"linear_fused: configuration for {key} was not tuned before CUDA graph capture; "
+        raise RuntimeError(f"{what}: configuration for {key} was not tuned before CUDA graph capture; "
                            "run the same launch once eagerly first")
-    timings = {}
+    timings, record = {}, {}
     for i, config in enumerate(candidates):
         if timings and i == len(candidates) - 1:
             break  # the fallback is for devices where nothing else fits
         try:
             launch(config)
-        except triton.runtime.errors.OutOfResources:
+        except triton.runtime.errors.OutOfResources as error:
+            record[config] = f"out of resources: {error}"
             continue
-        timings[config] = time_launches(lambda: launch(config))
+        timings[config] = record[config] = time_launches(lambda: launch(config)) / TUNE_REPEATS
     if not timings:
-        raise RuntimeError(f"linear_fused: no block configuration fits the device for {key}")
+        raise RuntimeError(f"{what}: no block configuration fits the device for {key}")
     _TUNED[key] = min(timings, key=timings.get)
+    _TIMINGS[what, key] = record
     return _TUNED[key]
 
 
@@ -445,9 +452,23 @@ def fastest_way(choices, key, ways, what):
                                "run the same launch once eagerly first")
         for run in ways.values():
             run()
-        timings = {name: time_launches(run) for name, run in ways.items()}
+        timings = {name: time_launches(run) / TUNE_REPEATS for name, run in ways.items()}
         choices[key] = min(timings, key=timings.get)
+        _TIMINGS[what, key] = timings
     return choices[key]
+
+
+def timed_choices():
+    """Every timing decision made in this process, for profiles and benchmark records: a list of
+    {"what", "key", "ms_per_call": {candidate: ms or why it could not run}, "chosen"} (candidates are
+    block configurations (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]) or way names)."""
+    decisions = []
+    for (what, key), record in _TIMINGS.items():
+        timed = {name: ms for name, ms in record.items() if not isinstance(ms, str)}
+        decisions.append({"what": what, "key": [str(part) for part in key],
+                          "ms_per_call": {str(name): ms for name, ms in record.items()},
+                          "chosen": str(min(timed, key=timed.get))})
+    return decisions
 
 
 def _check_matrix(name, t, rows, cols, device, dtypes=None):
@@ -582,7 +603,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
     rows_key = M if M <= TUNE_EXACT_ROWS else triton.next_power_of_2(M)
     key = (prologue, epilogue, stats_out is not None, rows_key, N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device), split_k is not None)
-    run(_tuned_config(key, configs, run))
+    run(_tuned_config(key, configs, run, f"GEMM ({PROLOGUE_NAMES[prologue]}{EPILOGUE_NAMES[epilogue]} epilogue)"))
     return out
 
 

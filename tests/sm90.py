@@ -49,6 +49,7 @@ def record_launches(monkeypatch):
         monkeypatch.setattr(module, "programmatic_launch", lambda device: {"PDL": True, "launch_pdl": True})
     monkeypatch.setattr(linear_fused, "_TUNED", {})
     monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
+    monkeypatch.setattr(linear_fused, "_TIMINGS", {})
     monkeypatch.setattr(linear_fused, "time_launches", lambda run, repeats=1: (run(), 1.0)[1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds have no CUDA runtime
     yield launches

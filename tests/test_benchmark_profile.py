@@ -1,6 +1,6 @@
-"""benchmarks.profile_kernels on the CPU: the tiny head and MAR cases end to end through main(), the
-JSON they write, the refusal of GPU-only options, and the fused MAR path's wiring under the Triton
-interpreter (the path the GPU profile runs)."""
+"""benchmarks.profile_kernels on the CPU: the tiny head, MAR and training cases end to end through
+main(), the JSON they write, the refusal of GPU-only options, and the fused MAR and training paths'
+wiring under the Triton interpreter (the paths the GPU profile runs)."""
 import json
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 
 from benchmarks import harness, profile_kernels
 from benchmarks.models import TINY_HEAD, build_head
+from benchmarks.test_bench_training import training_work
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour of profile_kernels")
 
@@ -121,3 +122,63 @@ def test_report_leaves_kernel_profiles_out(tmp_path, capsys):
     assert report.collect_paths([tmp_path]) == [results_json]
     assert report.collect_paths([profile_json, results_json]) == [results_json]
     assert "is a kernel profile" in capsys.readouterr().err
+
+
+def test_training_case_writes_the_profile_and_the_matmul_floor(tmp_path, capsys):
+    report = run_main(tmp_path, "--case", "training", "--head", "tiny", "--rows", "64", "--matmul-tflops", "2")
+    check_report(report, "training", steps=1)
+    assert report["params"]["rows"] == 64 and report["params"]["provider"] == "reference"
+    assert report["label"] == "training-tiny2x64-rows64-reference"
+    assert any(row["name"] == "aten::addmm" for row in report["kernels"])
+    assert any("backward" in row["name"].lower() for row in report["kernels"])  # the backward was profiled too
+    floor = report["matmul_floor"]
+    flops, _ = training_work(TINY_HEAD, 64, 4)
+    assert floor["flops_per_call"] == flops and floor["matmul_tflops"] == 2
+    assert floor["floor_us_per_call"] == pytest.approx(flops / 2e12 * 1e6)
+    assert floor["wall_over_floor"] == pytest.approx(report["wall_us_per_call_unprofiled"]["median"]
+                                                     / floor["floor_us_per_call"])
+    assert report["peak_memory_gib"] is None  # measured on CUDA only
+    assert isinstance(report["timed_choices"], list)
+    assert "matmul floor" in capsys.readouterr().out
+
+
+def test_training_rows_default_and_compile_only_for_training(tmp_path, capsys):
+    args = profile_kernels.parse_args(["--case", "training", "--out", str(tmp_path)])
+    assert args.rows == profile_kernels.TRAINING_ROWS["cpu"] and args.head == "tiny"
+    assert profile_kernels.parse_args(["--case", "head", "--out", str(tmp_path)]).rows == 8
+    with pytest.raises(SystemExit) as exit_info:
+        profile_kernels.parse_args(["--case", "head", "--provider", "compile", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--provider compile applies to --case training" in capsys.readouterr().err
+
+
+def test_fused_training_case_runs_under_the_interpreter(tmp_path):
+    """The GPU-only fused training case (main refuses it on the CPU), built and analysed as main() does:
+    the fused path really runs (the case refuses to profile a silent fallback to the plain forward)."""
+    args = profile_kernels.parse_args(["--case", "training", "--rows", "33", "--calls", "1", "--warmup", "0",
+                                       "--out", str(tmp_path)])
+    args.provider = "fused"
+    device = torch.device("cpu")
+    case = profile_kernels.build_training_case(args, device)
+    unprofiled, profiled, events, extra = profile_kernels.run_profile(case, device, calls=1)
+    analysis = profile_kernels.analyse(events, 1, on_gpu=False)
+    report = profile_kernels.build_report(case, device, 1, unprofiled, profiled, analysis, extra)
+    assert report["label"] == "training-tiny2x64-rows33-fused"
+    assert report["params"]["call"].startswith("DiffLoss(backend='triton')")
+    assert report["kernels"] and report["matmul_floor"]["floor_us_per_call"] > 0
+
+
+def test_print_table_lists_the_timed_choices(tmp_path, capsys):
+    report = run_main(tmp_path, "--case", "head", "--head", "tiny", "--rows", "4")
+    capsys.readouterr()
+    report["timed_choices"] = [
+        {"what": "GEMM (bias + SiLU epilogue)", "key": ["16", "1024"],
+         "ms_per_call": {"(16, 32, 128, 4, 4)": 0.011, "(16, 64, 64, 4, 4)": 0.013, "(64, 64, 32, 4, 2)": "out of resources"},
+         "chosen": "(16, 32, 128, 4, 4)"},
+        {"what": "the modulation GEMM", "key": ["(1024, 1024)"], "ms_per_call": {"cublas": 0.02, "triton": 0.03},
+         "chosen": "cublas"}]
+    profile_kernels.print_table(report)
+    out = capsys.readouterr().out
+    assert "timed choices (2)" in out
+    assert "GEMM (bias + SiLU epilogue) [16, 1024]: (16, 32, 128, 4, 4) 0.0110 ms; (16, 64, 64, 4, 4) 0.0130 ms, " \
+           "(64, 64, 32, 4, 2) did not run" in out
+    assert "the modulation GEMM [(1024, 1024)]: cublas 0.0200 ms; triton 0.0300 ms" in out

@@ -155,6 +155,7 @@ def test_ln_modulate_prologue_choice_is_timed_once_per_shape(faster, monkeypatch
     monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
     monkeypatch.setattr(linear_fused, "_TUNED", {})
     monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
+    monkeypatch.setattr(linear_fused, "_TIMINGS", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -185,6 +186,14 @@ def test_ln_modulate_prologue_choice_is_timed_once_per_shape(faster, monkeypatch
             two_pass = ["_ln_modulate_kernel", "_linear_fused_kernel"]
             assert launched == (two_pass if faster == "two_pass" else ["_linear_fused_kernel"])
     assert list(linear_fused._PROLOGUE_CHOICE.values()) == [faster]
+    decisions = linear_fused.timed_choices()  # what profiles record: every timing, per call, and the winner
+    prologue = [d for d in decisions if "prologue" in d["what"] and "GEMM" not in d["what"]]
+    assert len(prologue) == 1 and prologue[0]["chosen"] == faster
+    assert prologue[0]["ms_per_call"] == {faster: 1.0 / linear_fused.TUNE_REPEATS,
+                                          ({"two_pass", "fused_prologue"} - {faster}).pop(): 2.0 / linear_fused.TUNE_REPEATS}
+    gemms = [d for d in decisions if d["what"].startswith("GEMM (")]
+    assert gemms and all(d["chosen"] in d["ms_per_call"] and len(d["ms_per_call"]) > 1 for d in gemms)
+    assert any("bias + SiLU epilogue" in d["what"] for d in gemms)
     monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="not timed before CUDA graph capture"):
