@@ -123,7 +123,7 @@ def _candidate_block_sizes(rows, width, channels, gpu):
     block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
     shapes = [(block_k, 4)]
     if rows <= SKINNY_MAX_ROWS:
-        shapes += [(min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 4), (256, 8))]
+        shapes += [(min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 8), (256, 8))]
     candidates = []
     for k, warps in shapes + [(min(32, block_k), 4)]:
         if (block_m, block_c, k, warps) not in candidates:
