@@ -58,8 +58,8 @@ def _gated_residual_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    dh_colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dgate_colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dh_colsum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # reduced over rows after the loop
+    dgate_colsum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for tile_start in range(row_start, row_end, BLOCK_M):
@@ -75,13 +75,13 @@ def _gated_residual_bwd_kernel(
         tl.store(DGATE + rows[:, None] * stride_dgate_row + cols[None, :], dgate.to(DGATE.dtype.element_ty), mask=mask)
         tl.store(DH + rows[:, None] * stride_dh_row + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
         if STORE_DH_COLSUM:
-            dh_colsum += tl.sum(dh, axis=0)
+            dh_colsum += dh
         if STORE_DGATE_COLSUM:
-            dgate_colsum += tl.sum(dgate, axis=0)
+            dgate_colsum += dgate
     if STORE_DH_COLSUM:
-        tl.store(DH_COLSUM_PARTIAL + pid * n_cols + cols, dh_colsum, mask=col_mask)
+        tl.store(DH_COLSUM_PARTIAL + pid * n_cols + cols, tl.sum(dh_colsum, axis=0), mask=col_mask)
     if STORE_DGATE_COLSUM:
-        tl.store(DGATE_COLSUM_PARTIAL + pid * n_cols + cols, dgate_colsum, mask=col_mask)
+        tl.store(DGATE_COLSUM_PARTIAL + pid * n_cols + cols, tl.sum(dgate_colsum, axis=0), mask=col_mask)
 
 
 def launch_config(n_cols):

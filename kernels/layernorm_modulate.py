@@ -80,7 +80,10 @@ def _layernorm_modulate_bwd_kernel(
     dshift = dout; dscale = dout * ln; dln = dout * (1 + scale)
     dxhat = dln * weight; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) (+ dresidual)
     DWEIGHT_PARTIAL[pid] = sum over the program's rows of dln * xhat; DBIAS_PARTIAL[pid] = of dln;
-    with MODULATION_COLSUMS, DSCALE_PARTIAL[pid] / DSHIFT_PARTIAL[pid] = of dscale / dshift.
+    with MODULATION_COLSUMS, DSCALE_PARTIAL[pid] / DSHIFT_PARTIAL[pid] = of dscale / dshift. These
+    column sums accumulate in [BLOCK_M, BLOCK_N] registers and are reduced over rows once, after
+    the loop: the tile's rows lie in different warps, and a reduction per tile would put shared
+    memory round trips and barriers between every tile's loads.
     With RECOMPUTE_OUT the forward output ln * (1 + scale) + shift is written to OUT as well;
     OUT_IS_DOUT (OUT and DOUT are one buffer) puts a barrier between the tile's loads and that store.
     """
@@ -91,10 +94,10 @@ def _layernorm_modulate_bwd_kernel(
         weight = tl.load(WEIGHT + cols, mask=col_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dweight_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dscale_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    dshift_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dweight_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dscale_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dshift_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for tile_start in range(row_start, row_end, BLOCK_M):
@@ -118,15 +121,15 @@ def _layernorm_modulate_bwd_kernel(
         tl.store(DSCALE + rows[:, None] * stride_dscale_row + cols[None, :],
                  dscale.to(DSCALE.dtype.element_ty), mask=mask)
         if MODULATION_COLSUMS:
-            dshift_acc += tl.sum(dout, axis=0)
-            dscale_acc += tl.sum(dscale, axis=0)
+            dshift_acc += dout
+            dscale_acc += dscale
         dln = dout * (1.0 + scale)
         dxhat = dln
         if HAS_WEIGHT:
-            dweight_acc += tl.sum(dln * xhat, axis=0)
+            dweight_acc += dln * xhat
             dxhat = dln * weight[None, :]
         if HAS_BIAS:
-            dbias_acc += tl.sum(dln, axis=0)
+            dbias_acc += dln
         mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / n_cols
         mean_dxhat = tl.sum(dxhat, axis=1) / n_cols
         dx = (dxhat - xhat * mean_dxhat_xhat[:, None] - mean_dxhat[:, None]) * rstd[:, None]
@@ -141,12 +144,12 @@ def _layernorm_modulate_bwd_kernel(
                 tl.debug_barrier()
             tl.store(OUT + rows[:, None] * stride_out_row + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(DWEIGHT_PARTIAL + pid * n_cols + cols, dweight_acc, mask=col_mask)
+        tl.store(DWEIGHT_PARTIAL + pid * n_cols + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
     if HAS_BIAS:
-        tl.store(DBIAS_PARTIAL + pid * n_cols + cols, dbias_acc, mask=col_mask)
+        tl.store(DBIAS_PARTIAL + pid * n_cols + cols, tl.sum(dbias_acc, axis=0), mask=col_mask)
     if MODULATION_COLSUMS:
-        tl.store(DSCALE_PARTIAL + pid * n_cols + cols, dscale_acc, mask=col_mask)
-        tl.store(DSHIFT_PARTIAL + pid * n_cols + cols, dshift_acc, mask=col_mask)
+        tl.store(DSCALE_PARTIAL + pid * n_cols + cols, tl.sum(dscale_acc, axis=0), mask=col_mask)
+        tl.store(DSHIFT_PARTIAL + pid * n_cols + cols, tl.sum(dshift_acc, axis=0), mask=col_mask)
 
 
 def launch_config(n_cols):

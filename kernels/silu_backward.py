@@ -31,7 +31,7 @@ def _silu_backward_kernel(
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < n_cols
-    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # reduced over rows after the loop
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     for tile_start in range(row_start, row_end, BLOCK_M):
@@ -47,9 +47,9 @@ def _silu_backward_kernel(
         tl.store(D_PRE_ACT + rows[:, None] * stride_d_pre_act_row + cols[None, :],
                  d_pre_act.to(D_PRE_ACT.dtype.element_ty), mask=mask)
         if STORE_COLSUM:
-            colsum += tl.sum(d_pre_act, axis=0)
+            colsum += d_pre_act
     if STORE_COLSUM:
-        tl.store(D_PRE_ACT_COLSUM_PARTIAL + pid * n_cols + cols, colsum, mask=col_mask)
+        tl.store(D_PRE_ACT_COLSUM_PARTIAL + pid * n_cols + cols, tl.sum(colsum, axis=0), mask=col_mask)
 
 
 def silu_backward(d_act, pre_act, *, d_pre_act=None, colsum=False):

@@ -26,6 +26,7 @@ import torch
 # global loads, stores, atomics and asynchronous copies (not prefetches) in PTX
 GLOBAL_MEMORY_PTX = re.compile(r"\b(?:ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90 (227 KiB)
+H100_REGISTERS_PER_SM = 65536  # 32-bit registers of one SM, shared by its resident blocks
 
 
 @contextlib.contextmanager

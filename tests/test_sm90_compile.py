@@ -12,7 +12,7 @@ from marfast.fused_head import ddpm_sample_loop_fused, packed_head, release_fuse
 from marfast.kernels.add_layernorm import add_layernorm
 from marfast.kernels.linear_fused import interpreting, linear_gelu
 
-from sm90 import H100_SHARED_BYTES, compile_for_h100, record_launches
+from sm90 import H100_REGISTERS_PER_SM, H100_SHARED_BYTES, compile_for_h100, record_launches
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="records launches through the Triton CPU interpreter "
                                                             "(TRITON_INTERPRET=1); on a GPU the kernels run for real")
@@ -80,7 +80,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
     """DiffLoss.forward and backward with the Triton backend (LayerNorm-modulate, gated residual,
-    SiLU backward kernels)."""
+    SiLU backward kernels). Each backward program walks many row tiles: its registers must let two
+    programs share an SM (one's loads in flight while the other computes)."""
     head = base_head()
     rows = 64
     target = torch.randn(rows, CHANNELS, dtype=torch.bfloat16)
@@ -89,7 +90,13 @@ def test_fused_training_kernels_compile_for_h100(monkeypatch):
         head(target, z).backward()
     names = {launch["name"] for launch in launches}
     assert any("bwd" in name or "backward" in name for name in names), names
-    check_compiles(launches)
+    compiled = check_compiles(launches)
+    backward = [k for k in compiled if "bwd" in k["name"] or "backward" in k["name"]]
+    assert len(backward) == 4
+    for kernel in backward:
+        threads = 32 * kernel["num_warps"]
+        assert kernel["registers"] * threads <= H100_REGISTERS_PER_SM // 2, \
+            f"{kernel['name']} {kernel['constants']}: {kernel['registers']} registers x {threads} threads"
 
 
 def test_transformer_inference_kernels_compile_for_h100(monkeypatch):
