@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from marfast import DiffLoss
 from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
 from marfast.diffusion import GaussianDiffusion
-from marfast.fused_head import (bucket_rows, ddpm_sample_loop_fused, modulation_chunks, modulation_steps_per_gemm,
+from marfast.mar import next_mask_len
+from marfast.fused_head import (MAX_GRAPHS_PER_HEAD, MIN_BUCKET_ROWS, bucket_rows, ddpm_sample_loop_fused, modulation_chunks, modulation_steps_per_gemm,
                                 packed_head, release_fused_cache)
 from marfast.kernels.adaln_input import adaln_input
 from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
@@ -522,7 +523,28 @@ def test_fused_loop_step_batched_modulations(gemm_rows, steps_per_gemm, monkeypa
 
 
 def test_bucket_rows():
-    assert [bucket_rows(r) for r in (1, 16, 17, 64, 65, 4096, 4097, 16384)] == [16, 16, 32, 64, 128, 4096, 8192, 16384]
+    rows = (1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 4096, 4097, 6145, 16384)
+    assert [bucket_rows(r) for r in rows] == [16, 16, 24, 24, 32, 48, 48, 64, 96, 128, 4096, 6144, 8192, 16384]
+    for rows in range(1, 20000):  # padding is under a third of the bucket
+        bucket = bucket_rows(rows)
+        assert bucket >= rows and (bucket == MIN_BUCKET_ROWS or 3 * (bucket - rows) < bucket), rows
+
+
+@pytest.mark.parametrize("num_iter", [16, 32, 64, 128, 256])
+def test_mar_schedules_meet_few_buckets(num_iter):
+    """Every row count of a MAR sampling call (batch x tokens per AR step of the cosine schedule)
+    falls in at most MAX_GRAPHS_PER_HEAD buckets, so no call evicts a graph it replays later; the
+    head computes at most 1.3x the real rows at these batches (powers of two alone: up to 1.55x)."""
+    for batch in (1, 4, 16, 64, 100, 256):
+        masked, rows = 256, []
+        for step in range(num_iter):
+            after = next_mask_len(256, step, num_iter, masked) if step < num_iter - 1 else 0
+            rows.append(batch * (masked - after))
+            masked = after
+        buckets = [bucket_rows(r) for r in rows]
+        assert len(set(buckets)) <= MAX_GRAPHS_PER_HEAD, (batch, num_iter, sorted(set(buckets)))
+        if batch >= 16:
+            assert sum(buckets) <= 1.3 * sum(rows), (batch, num_iter)
 
 
 # ---------------------------------------------------------------------------------------------
