@@ -114,20 +114,24 @@ def step_coefficients(diffusion, step):
 def _candidate_block_sizes(rows, width, channels, gpu):
     """(BLOCK_M, BLOCK_C, BLOCK_K, num_warps) candidates, the last a fallback (see `_tuned_config`).
 
-    At few rows one or two programs walk the whole width, one K step after another, each waiting on
-    its LayerNorm and modulation loads: wider K steps (more loads in flight per step) are tried."""
+    The grid has one program per BLOCK_M state rows, each walking the whole width one K step
+    after another, waiting on its LayerNorm and modulation loads. At few rows wider K steps (more
+    loads in flight per step) are tried; at more rows also narrower row blocks: 64-row programs
+    give 2048 state rows only 32 programs, a quarter of an H100's SMs."""
     block_c = max(16, triton.next_power_of_2(channels))
     block_k = min(64, max(16, triton.next_power_of_2(width)))
     if not gpu:
         return [(min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4)]
     block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
-    shapes = [(block_k, 4)]
+    shapes = [(block_m, block_k, 4)]
     if rows <= SKINNY_MAX_ROWS:
-        shapes += [(min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 8), (256, 8))]
+        shapes += [(block_m, min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 8), (256, 8))]
+    else:
+        shapes += [(m, block_k, 4) for m in (16, 32) if m < block_m]
     candidates = []
-    for k, warps in shapes + [(min(32, block_k), 4)]:
-        if (block_m, block_c, k, warps) not in candidates:
-            candidates.append((block_m, block_c, k, warps))
+    for m, k, warps in shapes + [(block_m, min(32, block_k), 4)]:
+        if (m, block_c, k, warps) not in candidates:
+            candidates.append((m, block_c, k, warps))
     return candidates
 
 

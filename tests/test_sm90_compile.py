@@ -76,6 +76,9 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
         assert (kernel["l2_prefetches_before_wait"] > 0) == prefetching, kernel["constants"]
         assert (kernel["l2_prefetches"] > 0) == prefetching, kernel["constants"]
     assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == (state_rows == 4)
+    final_blocks = {k["constants"]["BLOCK_M"] for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"}
+    if state_rows == 2048:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
+        assert {16, 32, 64} <= final_blocks, final_blocks
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
