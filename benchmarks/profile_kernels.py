@@ -92,11 +92,11 @@ class BadOption(ValueError):
 # cases
 
 class ProfileCase:
-    """One profiled workload: `call()` runs one complete unit (a whole sampling call).
+    """One profiled workload: `call()` runs one complete unit (a whole sampling or training call).
 
     kind: one of CASES; label: part of the output file name; params: the case's parameters for
-    the JSON; steps: the inner loop's steps per call (DDPM steps for the head, AR steps for MAR) and
-    step_unit its name; cuda_graphs: {"used": bool, "detail": str}; extra(wall_s): further JSON fields (floors, time
+    the JSON; steps: the inner loop's steps per call (DDPM steps for the head, AR steps for MAR, 1
+    for training) and step_unit its name; cuda_graphs: {"used": bool, "detail": str}; extra(wall_s): further JSON fields (floors, time
     splits), computed right after the unprofiled calls from their wall times in seconds.
     """
 
