@@ -16,7 +16,8 @@
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
 #   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
 #                 limit): head 6x1024 at 8 rows fused (with its Chrome trace) and at 4096 rows, the
-#                 6x1024 training call at 65,536 rows fused and reference, mar_base batch 1 with
+#                 6x1024 training call at 65,536 rows fused and reference, mar_base batch 256 with
+#                 16 AR steps fused (where the transformer's time goes), mar_base batch 1 with
 #                 64 AR steps fused, without and with CUDA graphs of the transformer steps; writes
 #                 profile-*.json and profile-<tag>.log into the out dir
 #   --profile-only  only those profiles (no tests, no benchmarks), with the whole limit
@@ -185,6 +186,7 @@ if [ "$PROFILE" = 1 ]; then
     profile_case head-4096 --case head --head 6x1024 --rows 4096 --provider fused
     profile_case training --case training --head 6x1024 --provider fused
     profile_case training-reference --case training --head 6x1024 --provider reference
+    profile_case mar-b256 --case mar --head 6x1024 --batch 256 --num-iter 16 --provider fused --calls 1
     MARFAST_CUDA_GRAPHS=0 profile_case mar --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2
     profile_case mar-graphs --case mar --head 6x1024 --batch 1 --num-iter 64 --provider fused --calls 2 --cuda-graphs
   fi
