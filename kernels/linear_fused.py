@@ -38,10 +38,13 @@ Launchers (the model layer calls only these): `linear`, `linear_gelu`, `input_pr
 dtype) is tuned once over a few block configurations (and K splits), timed with CUDA events,
 outside any CUDA graph capture (M above TUNE_EXACT_ROWS in power-of-two buckets: the transformer's
 row count changes at every AR step); under the Triton interpreter one small configuration runs.
+Above SKINNY_MAX_ROWS the two block launchers also time a cuBLAS GEMM followed by their epilogue
+as a separate pass, and keep the faster (`_GEMM_WAY_CHOICE`; `timed_choices` lists every timing).
 """
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -74,6 +77,11 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (fp32 residual, shift, scale) instead of one and does the LayerNorm arithmetic itself.
 PROLOGUE_MAX_ROWS = 64
 _PROLOGUE_CHOICE = {}
+# Above SKINNY_MAX_ROWS on CUDA the block GEMMs are also timed as a cuBLAS GEMM (bias added there,
+# the product rounded to the weight dtype as the official bf16 head rounds it) followed by the
+# epilogue as its own pass, and the faster way kept (_GEMM_WAY_CHOICE): the Triton GEMM saves that
+# round trip of the product, cuBLAS may run the matrix product itself faster.
+_GEMM_WAY_CHOICE = {}
 
 PDL_ENV = "MARFAST_PDL"
 # Triton releases before grid dependency control (gdc_wait) launch without PDL.
@@ -174,6 +182,28 @@ def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr,
                           shift_ptr, scale_ptr, stride_mod_m, AFFINE)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gated_residual_stats_kernel(h_ptr, gate_ptr, residual_ptr, out_ptr, stats_ptr, M, N,
+                                 stride_hm, stride_gm, stride_rm, stride_om, stride_stats_m,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STATS_GROUP: tl.constexpr,
+                                 PDL: tl.constexpr):
+    """out = residual + gate * h (fp32) and its LayerNorm group statistics: the GATED_RESIDUAL
+    epilogue as its own pass over a GEMM output h [M, N] (BLOCK_N a multiple of STATS_GROUP)."""
+    wait_for_previous_grid(PDL)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    n0 = tl.program_id(1) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    h = tl.load(h_ptr + rows64 * stride_hm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + rows64 * stride_gm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0)
+    y = residual + gate * h
+    tl.store(out_ptr + rows64 * stride_om + cols[None, :], y, mask=mask)
+    _store_group_stats(y, rows, row_ok, n0, N, stats_ptr, stride_stats_m, BLOCK_M, BLOCK_N, STATS_GROUP)
 
 
 @triton.jit
@@ -398,6 +428,12 @@ TUNE_EXACT_ROWS = 4096
 TUNE_QUEUE_CYCLES = 5_000_000
 
 
+def tuning_rows(rows):
+    """The row count a tuning or timing decision is keyed on: exact up to TUNE_EXACT_ROWS, then the
+    next power of two."""
+    return rows if rows <= TUNE_EXACT_ROWS else triton.next_power_of_2(rows)
+
+
 def time_launches(run, repeats=TUNE_REPEATS):
     """Milliseconds of `repeats` back-to-back calls of run() on the current CUDA stream (events; the
     GPU is kept busy while the launches queue up, so kernels are timed, not Python)."""
@@ -600,8 +636,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
     configs = _candidate_configs(M, N, K, weight.element_size(), gpu,
                                  epilogue in (EPILOGUE_GATED_RESIDUAL, EPILOGUE_BIAS_GELU) or stats_out is not None)
     configs = _with_split_k(configs, M, N, K, gpu, split_k is not None)
-    rows_key = M if M <= TUNE_EXACT_ROWS else triton.next_power_of_2(M)
-    key = (prologue, epilogue, stats_out is not None, rows_key, N, K, a.dtype, weight.dtype, out.dtype,
+    key = (prologue, epilogue, stats_out is not None, tuning_rows(M), N, K, a.dtype, weight.dtype, out.dtype,
            args["DOT_PRECISION"], str(out.device), split_k is not None)
     run(_tuned_config(key, configs, run, f"GEMM ({PROLOGUE_NAMES[prologue]}{EPILOGUE_NAMES[epilogue]} epilogue)"))
     return out
@@ -672,7 +707,10 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
     sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. split_k:
     a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SKINNY_MAX_ROWS
     rows, on CUDA). The LN-modulate runs in the GEMM's prologue or as its own pass before a plain
-    GEMM (above PROLOGUE_MAX_ROWS; at fewer rows on CUDA whichever is timed faster). Returns out.
+    GEMM (above PROLOGUE_MAX_ROWS; at fewer rows on CUDA whichever is timed faster); above
+    PROLOGUE_MAX_ROWS on CUDA that GEMM is the Triton one (bias + SiLU epilogue) or cuBLAS followed
+    by an in-place SiLU, whichever is timed faster (the latter needs out in the weight dtype).
+    Returns out.
     """
     device, _, k = _check_linear(residual, weight, bias, out, (torch.float32,))
     rows = residual.shape[0]
@@ -689,15 +727,23 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
     _check_matrix("out", out, rows, None, device)
     _check_no_alias("out", out, "residual", residual)
 
-    def two_pass():
-        modulated = torch.empty(rows, k, device=device, dtype=weight.dtype)
+    def modulated():
+        """The LN-modulate of residual, written once in the weight dtype."""
+        buffer = torch.empty(rows, k, device=device, dtype=weight.dtype)
         block_m, block_k = 32, 128
         _ln_modulate_kernel[(triton.cdiv(rows, block_m), triton.cdiv(k, block_k))](
             residual, stats, residual if ln_weight is None else ln_weight, residual if ln_bias is None else ln_bias,
-            shift, scale, modulated, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), modulated.stride(0),
+            shift, scale, buffer, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), buffer.stride(0),
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
             STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4, **programmatic_launch(device))
-        return _launch(modulated, weight, bias, out, epilogue=EPILOGUE_BIAS_SILU, split_k=split_k)
+        return buffer
+
+    def two_pass():
+        return _launch(modulated(), weight, bias, out, epilogue=EPILOGUE_BIAS_SILU, split_k=split_k)
+
+    def two_pass_cublas():
+        torch.addmm(bias.to(weight.dtype), modulated(), weight.t(), out=out)
+        return F.silu(out, inplace=True)
 
     def fused_prologue():
         prologue = PROLOGUE_LN_MODULATE if ln_weight is None else PROLOGUE_LN_AFFINE_MODULATE
@@ -705,14 +751,18 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
                        ln_bias=ln_bias, shift=shift, scale=scale, ln_eps=ln_eps, epilogue=EPILOGUE_BIAS_SILU,
                        split_k=split_k)
 
-    if rows > PROLOGUE_MAX_ROWS:
-        return two_pass()
     if not gpu_configs(device):
-        return fused_prologue()
-    key = (rows, k, out.shape[1], weight.dtype, out.dtype, ln_weight is not None, str(device), split_k is not None,
-           programmatic_launch(device)["PDL"])
-    ways = {"fused_prologue": fused_prologue, "two_pass": two_pass}
-    return ways[fastest_way(_PROLOGUE_CHOICE, key, ways, "linear_ln_modulate_silu's LayerNorm-modulate prologue")]()
+        return two_pass() if rows > PROLOGUE_MAX_ROWS else fused_prologue()
+    key = (tuning_rows(rows), k, out.shape[1], weight.dtype, out.dtype, dot_precision(weight.dtype),
+           ln_weight is not None, str(device), split_k is not None, programmatic_launch(device)["PDL"])
+    if rows <= PROLOGUE_MAX_ROWS:
+        ways = {"fused_prologue": fused_prologue, "two_pass": two_pass}
+        return ways[fastest_way(_PROLOGUE_CHOICE, key, ways, "linear_ln_modulate_silu's LayerNorm-modulate prologue")]()
+    if out.dtype != weight.dtype:
+        return two_pass()
+    ways = {"two_pass": two_pass, "two_pass_cublas": two_pass_cublas}
+    return ways[fastest_way(_GEMM_WAY_CHOICE, ("linear_ln_modulate_silu",) + key, ways,
+                            "linear_ln_modulate_silu's GEMM (Triton or cuBLAS)")]()
 
 
 def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, stats_out, split_k=None):
@@ -720,7 +770,9 @@ def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, st
 
     hidden: [M, K] float; weight [N, K]; gate: [M, N] view (modulation buffer); residual,
     residual_out: fp32 [M, N], distinct buffers; stats_out: fp32 stats_shape(M, N); split_k: as
-    in `linear_ln_modulate_silu`. Returns residual_out.
+    in `linear_ln_modulate_silu`. Above SKINNY_MAX_ROWS on CUDA, one Triton GEMM with this
+    epilogue or a cuBLAS GEMM followed by the epilogue as its own pass
+    (`_gated_residual_stats_kernel`), whichever is timed faster. Returns residual_out.
     """
     device, n, _ = _check_linear(hidden, weight, bias, residual_out)
     rows = hidden.shape[0]
@@ -729,5 +781,23 @@ def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, st
     _check_matrix("residual_out", residual_out, rows, n, device, (torch.float32,))
     _check_stats("stats_out", stats_out, rows, n, device)
     _check_no_alias("residual_out", residual_out, "residual", residual)
-    return _launch(hidden, weight, bias, residual_out, epilogue=EPILOGUE_GATED_RESIDUAL, gate=gate,
-                   residual=residual, stats_out=stats_out, split_k=split_k)
+
+    def fused_epilogue():
+        return _launch(hidden, weight, bias, residual_out, epilogue=EPILOGUE_GATED_RESIDUAL, gate=gate,
+                       residual=residual, stats_out=stats_out, split_k=split_k)
+
+    def cublas_gemm():
+        h = torch.addmm(bias.to(weight.dtype), hidden.to(weight.dtype), weight.t())
+        block_m, block_n = 16, 4 * STATS_GROUP
+        _gated_residual_stats_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n, block_n))](
+            h, gate, residual, residual_out, stats_out, rows, n, h.stride(0), gate.stride(0), residual.stride(0),
+            residual_out.stride(0), stats_out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, STATS_GROUP=STATS_GROUP,
+            num_warps=4, **programmatic_launch(device))
+        return residual_out
+
+    if rows <= SKINNY_MAX_ROWS or not gpu_configs(device):
+        return fused_epilogue()
+    key = ("linear_gated_residual", tuning_rows(rows), n, hidden.shape[1], hidden.dtype, weight.dtype, gate.dtype,
+           dot_precision(weight.dtype), str(device), programmatic_launch(device)["PDL"])
+    ways = {"fused_epilogue": fused_epilogue, "cublas_gemm": cublas_gemm}
+    return ways[fastest_way(_GEMM_WAY_CHOICE, key, ways, "linear_gated_residual's GEMM (Triton or cuBLAS)")]()

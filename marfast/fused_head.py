@@ -22,7 +22,9 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
    writes the next LayerNorm's group statistics); at up to 64 rows their tuner also tries K-split
    configurations (the workspace's `SplitKWorkspace`): a [R, W] x [W, W] GEMM has only W / 32
-   output tiles, too few to stream its weights from every SM;
+   output tiles, too few to stream its weights from every SM; above 64 rows each is also timed as
+   a cuBLAS GEMM followed by its epilogue as a separate pass (the product then rounded to the
+   weight dtype, as the official bf16 head rounds it), and the faster way is kept;
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
    learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
 

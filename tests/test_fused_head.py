@@ -214,6 +214,61 @@ def test_linear_gated_residual_matches_float64(rows, k, width):
     assert_close64(stats, group_stats64(expected), rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("faster", ["triton", "cublas"])
+def test_block_gemms_time_cublas_against_triton_above_skinny_rows(faster, monkeypatch):
+    """Above SKINNY_MAX_ROWS with the GPU configurations, both block launchers time their Triton
+    GEMM against cuBLAS followed by the epilogue as its own pass, keep the faster for the shape,
+    and compute the same function either way: LayerNorm statistics included, partial last
+    statistics group (width 72), outputs poisoned. (Timings faked: the interpreter runs it.)"""
+    monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
+    for table in ("_TUNED", "_GEMM_WAY_CHOICE", "_TIMINGS"):
+        monkeypatch.setattr(linear_fused, table, {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
+                                                                          run(self, *a, **k))[1])
+
+    def fake_time(run, repeats=1):  # the preferred way takes 1 ms, the other 2 ms
+        launched.clear()
+        run()
+        way = "triton" if "_linear_fused_kernel" in launched else "cublas"
+        return 1.0 if way == faster else 2.0
+
+    monkeypatch.setattr(linear_fused, "time_launches", fake_time)
+    rows, k, width = 70, 40, 72
+    torch.manual_seed(11)
+    h, w, b = torch.randn(rows, k), torch.randn(width, k), torch.randn(width)
+    gate, residual = torch.randn(rows, 2 * width)[:, width:], torch.randn(rows, width)
+    expected_sum = residual.double() + gate.double() * (h.double() @ w.double().T + b.double())
+    x = torch.randn(rows, k) * 2 + 1
+    shift, scale = torch.randn(rows, k), torch.randn(rows, k)
+    ln_w, ln_b = 1 + 0.1 * torch.randn(k), 0.1 * torch.randn(k)
+    expected_silu = F.silu(modulate_ln64(x.double(), shift.double(), scale.double(), ln_w.double(), ln_b.double())
+                           @ w.double().T + b.double())
+    for call in range(2):
+        launched.clear()
+        out, stats = poisoned(rows, width), poisoned(*stats_shape(rows, width))
+        linear_gated_residual(h, w, b, gate, residual, out, stats)
+        assert_close64(out, expected_sum, rtol=1e-5, atol=1e-4)
+        assert_close64(stats, group_stats64(expected_sum), rtol=1e-5, atol=1e-3)
+        if call == 1:  # chosen and tuned: exactly the launches of the faster way
+            assert launched == (["_linear_fused_kernel"] if faster == "triton" else ["_gated_residual_stats_kernel"])
+        launched.clear()
+        hidden = poisoned(rows, width)
+        linear_ln_modulate_silu(x, group_stats64(x.double()).float(), ln_w, ln_b, shift, scale, w, b, hidden)
+        assert_close64(hidden, expected_silu, rtol=1e-4, atol=1e-4)
+        if call == 1:
+            assert launched == ["_ln_modulate_kernel"] + (["_linear_fused_kernel"] if faster == "triton" else [])
+    ways = {d["what"]: d["chosen"] for d in linear_fused.timed_choices() if "Triton or cuBLAS" in d["what"]}
+    assert ways == {"linear_gated_residual's GEMM (Triton or cuBLAS)": {"triton": "fused_epilogue",
+                                                                       "cublas": "cublas_gemm"}[faster],
+                    "linear_ln_modulate_silu's GEMM (Triton or cuBLAS)": {"triton": "two_pass",
+                                                                          "cublas": "two_pass_cublas"}[faster]}
+
+
 def force_split_k(monkeypatch, block_m=16, block_n=32, block_k=16, split=3):
     """Make every GEMM launch that gets a SplitKWorkspace run this one K-split configuration."""
     def configs(configs, M, N, K, gpu, has_workspace):
@@ -568,6 +623,10 @@ def test_gpu_fused_loop_parity_at_released_sizes(preset, dtype, state_rows, cfg)
     by sqrt(abar_prev / abar_999) ~ 600 before clipping), so in low precision the loop's maximum
     error measures luck, not the kernels; one step measures rounding, against the official eager
     loop in the same dtype as the yardstick."""
+    check_released_parity(preset, dtype, state_rows, cfg)
+
+
+def check_released_parity(preset, dtype, state_rows, cfg):
     depth, width, z_channels = RELEASED_HEADS[preset]
     net = make_net(width, depth, z_channels=z_channels, seed=depth, dtype=dtype, device="cuda")
     net64 = copy.deepcopy(net).double()  # same (rounded) weights, float64 math, on the GPU
@@ -584,6 +643,18 @@ def test_gpu_fused_loop_parity_at_released_sizes(preset, dtype, state_rows, cfg)
         bound = min(bound, max(2 * yardstick, GPU_TOLERANCE[torch.float32]))
     assert torch.isfinite(fused).all()
     assert error <= bound, f"{preset} {dtype}: relative error {error:.3g} > {bound:.3g}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("way", ["triton", "cublas"])
+def test_gpu_block_gemm_ways_match_at_released_size(way, monkeypatch):
+    """mar_base in bf16 at 300 state rows with CFG (one step, as in the released-size parity test),
+    the block GEMMs forced to the Triton GEMM with fused epilogues or to cuBLAS + the epilogue pass
+    (the loop's eager run and its graph capture both take the forced way)."""
+    forced = {"triton": ("fused_epilogue", "two_pass"), "cublas": ("cublas_gemm", "two_pass_cublas")}[way]
+    monkeypatch.setattr(linear_fused, "fastest_way", lambda choices, key, ways, what: next(w for w in forced if w in ways))
+    check_released_parity("mar_base", torch.bfloat16, 300, 3.0)
 
 
 @gpu

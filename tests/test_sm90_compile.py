@@ -49,9 +49,10 @@ def check_waits_for_previous_grid(compiled):
 def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
     input projection, both block GEMMs (LN-modulate written once, and at few rows also fused
-    into the GEMM prologue; also split along K at few rows), the final layer with the DDPM step; every
-    tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel
-    before its first global memory access."""
+    into the GEMM prologue; also split along K at few rows; at many rows also the gated-residual
+    pass after a cuBLAS GEMM), the final layer with the DDPM step; every tuning candidate of each
+    GEMM. Each is launched with PDL and waits for the previous kernel before its first global
+    memory access."""
     head = base_head()
     pack = packed_head(head.net)
     pack.modulation_provider = "triton"
@@ -79,6 +80,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     final_blocks = {k["constants"]["BLOCK_M"] for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"}
     if state_rows == 2048:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
         assert {16, 32, 64} <= final_blocks, final_blocks
+    # above 64 rows the gated residual is also timed as a cuBLAS GEMM + this epilogue pass
+    assert ("_gated_residual_stats_kernel" in names) == (state_rows == 2048)
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
