@@ -148,29 +148,38 @@ def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine, two_pas
     assert_close64(out, F.silu(h @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
 
 
+def fake_gpu_timings(monkeypatch, choice_tables, faster, way_of):
+    """The launchers' GPU configurations under the interpreter, with faked timings: a timed run takes
+    1 ms when way_of(the kernel names it launched) is `faster`, else 2 ms. Empties the tuner's and
+    the named choice tables for the test; returns the list recording every launch's kernel name.
+    (InterpretedFunction.run is patched on the class: an instance patch would outlive the test.)"""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
+    for table in ("_TUNED", "_TIMINGS") + tuple(choice_tables):
+        monkeypatch.setattr(linear_fused, table, {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    launched = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
+                                                                          run(self, *a, **k))[1])
+
+    def fake_time(run, repeats=1):
+        launched.clear()
+        run()
+        return 1.0 if way_of(launched) == faster else 2.0
+
+    monkeypatch.setattr(linear_fused, "time_launches", fake_time)
+    return launched
+
+
 @pytest.mark.parametrize("faster", ["two_pass", "fused_prologue"])
 def test_ln_modulate_prologue_choice_is_timed_once_per_shape(faster, monkeypatch):
     """With the GPU configurations at few rows, both ways (fused prologue, written once + plain GEMM)
     are timed once per shape, the faster one runs then and afterwards, and the result is the same
     function; timing during CUDA graph capture is refused. (Timings faked: the interpreter runs it.)"""
-    monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
-    monkeypatch.setattr(linear_fused, "_TUNED", {})
-    monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
-    monkeypatch.setattr(linear_fused, "_TIMINGS", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    from triton.runtime.interpreter import InterpretedFunction
-
-    launched = []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
-                                                                          run(self, *a, **k))[1])
-    def fake_time(run, repeats=1):  # the preferred way takes 1 ms, the other 2 ms
-        launched.clear()
-        run()
-        way = "two_pass" if "_ln_modulate_kernel" in launched else "fused_prologue"
-        return 1.0 if way == faster else 2.0
-
-    monkeypatch.setattr(linear_fused, "time_launches", fake_time)
+    launched = fake_gpu_timings(monkeypatch, ("_PROLOGUE_CHOICE",), faster,
+                                lambda names: "two_pass" if "_ln_modulate_kernel" in names else "fused_prologue")
     rows, width, n = 5, 40, 72
     torch.manual_seed(3)
     x = torch.randn(rows, width) * 2 + 3
@@ -220,24 +229,8 @@ def test_block_gemms_time_cublas_against_triton_above_skinny_rows(faster, monkey
     GEMM against cuBLAS followed by the epilogue as its own pass, keep the faster for the shape,
     and compute the same function either way: LayerNorm statistics included, partial last
     statistics group (width 72), outputs poisoned. (Timings faked: the interpreter runs it.)"""
-    monkeypatch.setattr(linear_fused, "gpu_configs", lambda device: True)
-    for table in ("_TUNED", "_GEMM_WAY_CHOICE", "_TIMINGS"):
-        monkeypatch.setattr(linear_fused, table, {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    from triton.runtime.interpreter import InterpretedFunction
-
-    launched = []
-    run = InterpretedFunction.run
-    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
-                                                                          run(self, *a, **k))[1])
-
-    def fake_time(run, repeats=1):  # the preferred way takes 1 ms, the other 2 ms
-        launched.clear()
-        run()
-        way = "triton" if "_linear_fused_kernel" in launched else "cublas"
-        return 1.0 if way == faster else 2.0
-
-    monkeypatch.setattr(linear_fused, "time_launches", fake_time)
+    launched = fake_gpu_timings(monkeypatch, ("_GEMM_WAY_CHOICE",), faster,
+                                lambda names: "triton" if "_linear_fused_kernel" in names else "cublas")
     rows, k, width = 70, 40, 72
     torch.manual_seed(11)
     h, w, b = torch.randn(rows, k), torch.randn(width, k), torch.randn(width)
