@@ -125,7 +125,8 @@ def _candidate_block_sizes(rows, width, channels, gpu):
     block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
     shapes = [(block_m, block_k, 4)]
     if rows <= SKINNY_MAX_ROWS:
-        shapes += [(block_m, min(k, max(16, triton.next_power_of_2(width))), warps) for k, warps in ((128, 8), (256, 8))]
+        widest = max(16, triton.next_power_of_2(width))
+        shapes += [(block_m, min(k, widest), warps) for k, warps in ((128, 8), (256, 8))]
     else:
         shapes += [(m, block_k, 4) for m in (16, 32) if m < block_m]
     candidates = []
