@@ -62,6 +62,7 @@ from .harness import head_sampling_work, head_weight_split, mar_sampling_bytes, 
 from .machine import device_label, kernel_timings, nvml_state, software_info
 from .models import (RELEASED_CFG, RELEASED_HEAD_OF, RELEASED_HEADS, TINY_HEAD, build_head, build_mar,
                      fused_head_absence, training_inputs, training_step)
+from .report import describe_timed_choice
 from .test_bench_head_sampling import CFG as HEAD_CFG
 from .test_bench_mar_sampling import HeadTimer
 from .test_bench_training import peak_memory_bytes, plain_forward_calls, training_work
@@ -476,10 +477,6 @@ def shorten(name, width):
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
-def _ms(value):
-    return f"{value:.4f} ms" if isinstance(value, float) else "did not run"
-
-
 def print_table(report, stream=None):
     """The stdout summary: totals, per-step figures and the top kernels (stream: default sys.stdout)."""
     unit = "kernels" if report["device"] != "cpu" else "operators (self CPU time)"
@@ -530,10 +527,8 @@ def print_table(report, stream=None):
     if isinstance(choices, list) and choices:
         lines.append(f"timed choices ({len(choices)}): kept candidate and its ms per call, then the others")
         for decision in choices[:TABLE_ROWS]:
-            times = decision["ms_per_call"]
-            others = ", ".join(f"{name} {_ms(ms)}" for name, ms in times.items() if name != decision["chosen"])
-            lines.append(f"  {shorten(decision['what'], 60)} [{shorten(', '.join(decision['key']), 70)}]: "
-                         f"{decision['chosen']} {_ms(times[decision['chosen']])}; {shorten(others, 160)}")
+            what, key, kept, others = describe_timed_choice(decision)
+            lines.append(f"  {shorten(what, 60)} [{shorten(key, 70)}]: {kept}; {shorten(others, 160)}")
     lines.extend(f"warning: {text}" for text in report["warnings"])
     print("\n".join(lines), file=stream or sys.stdout)
 

@@ -69,6 +69,7 @@ def load_results(path):
         "rows": rows,
         "skipped": session.get("skipped", []),
         "roofline": session.get("roofline"),
+        "timed_choices": session.get("timed_choices") if isinstance(session.get("timed_choices"), list) else [],
     }
 
 
@@ -119,6 +120,17 @@ def format_fraction(value):
 
 def format_speedup(value):
     return "-" if value is None else f"{value:.2f}x"
+
+
+def describe_timed_choice(decision):
+    """One record of marfast's timed kernel choices (`machine.kernel_timings()`) as text: (what, key, the kept candidate with its time, the
+    others with theirs, or 'did not run' for those that could not)."""
+    def ms(value):
+        return f"{value:.4f} ms" if isinstance(value, (int, float)) else "did not run"
+
+    times = decision["ms_per_call"]
+    others = ", ".join(f"{name} {ms(value)}" for name, value in times.items() if name != decision["chosen"])
+    return decision["what"], ", ".join(decision["key"]), f"{decision['chosen']} {ms(times[decision['chosen']])}", others
 
 
 def case_label(row):
@@ -198,6 +210,11 @@ def markdown_table(results):
         for reason, names in reasons.items():
             shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
             lines.append(f"- {reason}: {shown}")
+    if results["timed_choices"]:
+        lines += ["", f"Kernel configurations and ways timed in this run ({len(results['timed_choices'])}; "
+                      "ms per call; Triton against cuBLAS where a launcher times both):", "",
+                  "| what | key | kept | others |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(describe_timed_choice(decision)) + " |" for decision in results["timed_choices"]]
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,27 @@ def test_markdown_table_lists_every_result_with_its_numbers(results_json):
     assert "Skipped in this run (1)" in markdown and "needs about 30 s" in markdown
 
 
+def test_markdown_lists_the_timed_kernel_choices(results_json, tmp_path):
+    data = json.loads(results_json.read_text())
+    data["marfast"]["timed_choices"] = [
+        {"what": "linear_gated_residual's GEMM (Triton or cuBLAS)", "key": ["4096", "1024"],
+         "ms_per_call": {"fused_epilogue": 0.031, "cublas_gemm": 0.024}, "chosen": "cublas_gemm"},
+        {"what": "GEMM (bias + SiLU epilogue)", "key": ["32", "1024", "1024"],
+         "ms_per_call": {"(32, 32, 128, 4, 4, 1)": 0.0071, "(32, 64, 64, 4, 4, 1)": "out of resources: smem"},
+         "chosen": "(32, 32, 128, 4, 4, 1)"}]
+    path = tmp_path / "with-choices.json"
+    path.write_text(json.dumps(data))
+    markdown = report.markdown_table(report.load_results(path))
+    assert "Kernel configurations and ways timed in this run (2;" in markdown
+    assert ("| linear_gated_residual's GEMM (Triton or cuBLAS) | 4096, 1024 | cublas_gemm 0.0240 ms | "
+            "fused_epilogue 0.0310 ms |") in markdown
+    assert ("| GEMM (bias + SiLU epilogue) | 32, 1024, 1024 | (32, 32, 128, 4, 4, 1) 0.0071 ms | "
+            "(32, 64, 64, 4, 4, 1) did not run |") in markdown
+    data["marfast"]["timed_choices"] = "unknown (No module named 'marfast')"  # what a run without marfast records
+    path.write_text(json.dumps(data))
+    assert "timed in this run" not in report.markdown_table(report.load_results(path))
+
+
 def test_summary_has_one_row_per_case_with_speedups(results_json):
     summary = report.summary_table(report.load_results(results_json))
     lines = summary.splitlines()
