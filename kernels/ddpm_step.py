@@ -12,7 +12,10 @@ For state rows r in [0, B) (one program per BLOCK_M rows), in fp32:
     x_{t-1} = coef1_t * x0 + coef2_t * x_t  [+ exp(log_var / 2) * noise * temperature   if t > 0]
 
 h is the fp32 residual stream after the last block with its LayerNorm group statistics (see
-kernels/linear_fused.py); the step's table values are scalar arguments (fixed per step, so a
+kernels/linear_fused.py). At few rows one row block is the whole grid, so the launcher also tries
+splitting the width (K) over SPLIT_K programs (given a `SplitKWorkspace`): each stores its partial
+eps_c, v and eps_u tiles, and the last to arrive sums them in split order and runs the update, as
+the split-K GEMMs of linear_fused do; the step's table values are scalar arguments (fixed per step, so a
 captured CUDA graph bakes them), while cfg, temperature and the clip range are read from a small
 device tensor so that one graph serves every value.
 """
@@ -20,28 +23,42 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
-                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _tuned_config, dot_precision,
-                           gpu_configs, interpreting, programmatic_launch, wait_for_previous_grid)
+from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, SplitKWorkspace, _check_matrix,
+                           _check_stats, _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive,
+                           _split_k_store, _split_k_total, _tuned_config, dot_precision, gpu_configs, interpreting,
+                           programmatic_launch, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
+SPLIT_K_PARTS = (4, 16)  # K-split candidates at few rows (each capped by the width's K steps)
 
 
 @triton.jit
 def _final_layer_ddpm_step_kernel(
     residual_ptr, stats_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr,
-    state_ptr, noise_ptr, out_ptr, scalars_ptr,
-    rows, width, channels, uncond_row_offset,
+    state_ptr, noise_ptr, out_ptr, scalars_ptr, partials_ptr, counters_ptr,
+    rows, width, channels, uncond_row_offset, k_split_len,
     stride_rm, stride_stats_m, stride_mod_m, stride_wn, stride_wk, stride_xm, stride_nm, stride_om,
     sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
     log_beta, posterior_log_variance_clipped, ln_eps,
     USE_CFG: tl.constexpr, ADD_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, PDL: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
 ):
-    """out[B, C] = x_{t-1} from state x_t [B, C], the last residual h and the final layer; see module doc."""
+    """out[B, C] = x_{t-1} from state x_t [B, C], the last residual h and the final layer; see module doc.
+
+    SPLIT_K > 1: SPLIT_K consecutive programs share a row block, each over k_split_len of the width;
+    partial slots of row block p: 3 * SPLIT_K from p * 3 * SPLIT_K (eps_c, v, eps_u, split-major)."""
     wait_for_previous_grid(PDL)
     pid = tl.program_id(0)
+    if SPLIT_K > 1:
+        split = pid % SPLIT_K
+        pid = pid // SPLIT_K
+        k_begin = split * k_split_len
+        k_end = tl.minimum(width, k_begin + k_split_len)
+    else:
+        split = 0
+        k_begin = 0
+        k_end = width
     cond_rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = cond_rows < rows
     uncond_rows = cond_rows + uncond_row_offset
@@ -57,7 +74,7 @@ def _final_layer_ddpm_step_kernel(
     eps_c = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     v_c = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     eps_u = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, width, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < width
         w_mask = k_ok[:, None] & channel_ok[None, :]
@@ -73,6 +90,19 @@ def _final_layer_ddpm_step_kernel(
                                     residual_ptr, residual_ptr, shift_ptr, scale_ptr, stride_mod_m,
                                     False).to(w_eps.dtype)
             eps_u = tl.dot(a_u, w_eps, eps_u, input_precision=DOT_PRECISION)
+    if SPLIT_K > 1:
+        first = pid * 3 * SPLIT_K
+        _split_k_store(eps_c, partials_ptr, first + split, BLOCK_M, BLOCK_C)
+        _split_k_store(v_c, partials_ptr, first + SPLIT_K + split, BLOCK_M, BLOCK_C)
+        if USE_CFG:
+            _split_k_store(eps_u, partials_ptr, first + 2 * SPLIT_K + split, BLOCK_M, BLOCK_C)
+        last = _split_k_arrive(counters_ptr, pid, SPLIT_K)
+        eps_c = _split_k_total(partials_ptr, first, last, SPLIT_K, BLOCK_M, BLOCK_C)
+        v_c = _split_k_total(partials_ptr, first + SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_C)
+        if USE_CFG:
+            eps_u = _split_k_total(partials_ptr, first + 2 * SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_C)
+        tl.atomic_xchg(counters_ptr + pid, 0, mask=last, sem="relaxed")
+        row_ok = cond_rows < rows * last.to(tl.int32)  # only the last program reads the state and writes
 
     bias_eps = tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)
     bias_v = tl.load(bias_ptr + channels + channel, mask=channel_ok, other=0.0).to(tl.float32)
@@ -111,33 +141,40 @@ def step_coefficients(diffusion, step):
     )
 
 
-def _candidate_block_sizes(rows, width, channels, gpu):
-    """(BLOCK_M, BLOCK_C, BLOCK_K, num_warps) candidates, the last a fallback (see `_tuned_config`).
+def _candidate_block_sizes(rows, width, channels, gpu, has_workspace=False):
+    """(BLOCK_M, BLOCK_C, BLOCK_K, num_warps, SPLIT_K) candidates, the last a fallback (see
+    `_tuned_config`).
 
     The grid has one program per BLOCK_M state rows, each walking the whole width one K step
     after another, waiting on its LayerNorm and modulation loads. At few rows wider K steps (more
-    loads in flight per step) are tried; at more rows also narrower row blocks: 64-row programs
-    give 2048 state rows only 32 programs, a quarter of an H100's SMs."""
+    loads in flight per step) are tried, and (with a split-K workspace) the width split over
+    SPLIT_K_PARTS programs: one row block is then the whole grid. At more rows also narrower row
+    blocks: 64-row programs give 2048 state rows only 32 programs, a quarter of an H100's SMs."""
     block_c = max(16, triton.next_power_of_2(channels))
     block_k = min(64, max(16, triton.next_power_of_2(width)))
     if not gpu:
-        return [(min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4)]
+        return [(min(64, max(16, triton.next_power_of_2(rows))), block_c, block_k, 4, 1)]
     block_m = 16 if rows <= 16 else 32 if rows <= 1024 else 64
-    shapes = [(block_m, block_k, 4)]
+    shapes = [(block_m, block_k, 4, 1)]
     if rows <= SKINNY_MAX_ROWS:
         widest = max(16, triton.next_power_of_2(width))
-        shapes += [(block_m, min(k, widest), warps) for k, warps in ((128, 8), (256, 8))]
+        shapes += [(block_m, min(k, widest), warps, 1) for k, warps in ((128, 8), (256, 8))]
+        k_steps = triton.cdiv(width, block_k)
+        for parts in SPLIT_K_PARTS if has_workspace else ():
+            split = triton.cdiv(k_steps, triton.cdiv(k_steps, min(parts, k_steps)))  # none of them empty
+            if split > 1:
+                shapes.append((block_m, block_k, 4, split))
     else:
-        shapes += [(m, block_k, 4) for m in (16, 32) if m < block_m]
+        shapes += [(m, block_k, 4, 1) for m in (16, 32) if m < block_m]
     candidates = []
-    for m, k, warps in shapes + [(block_m, min(32, block_k), 4)]:
-        if (m, block_c, k, warps) not in candidates:
-            candidates.append((m, block_c, k, warps))
+    for m, k, warps, split in shapes + [(block_m, min(32, block_k), 4, 1)]:
+        if (m, block_c, k, warps, split) not in candidates:
+            candidates.append((m, block_c, k, warps, split))
     return candidates
 
 
 def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, noise, out, scalars, coefficients, *,
-                          use_cfg, uncond_row_offset=0, add_noise=True, clip_x0=False, ln_eps=1e-6):
+                          use_cfg, uncond_row_offset=0, add_noise=True, clip_x0=False, ln_eps=1e-6, split_k=None):
     """Write x_{t-1} [B, C] (fp32) into `out` from x_t `state` [B, C]; returns out.
 
     residual: fp32 [R, W] last residual stream (R >= B; with CFG row r + uncond_row_offset is the
@@ -146,7 +183,8 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
     stride); weight [2C, W] (fp32/bf16/fp16), bias float [2C]; state, noise, out: fp32 [B, C]
     (out distinct from state); scalars: fp32 device tensor [4] = (cfg, temperature, clip_lo,
     clip_hi); coefficients: `step_coefficients(diffusion, step)`. add_noise: t > 0; clip_x0:
-    clamp the x0 prediction to (clip_lo, clip_hi).
+    clamp the x0 prediction to (clip_lo, clip_hi). split_k: a `SplitKWorkspace` lets the tuner
+    also try splitting the width over several programs (at most SKINNY_MAX_ROWS rows, on CUDA).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weight must be a 2-D tensor with dtype in {WEIGHT_DTYPES}")
@@ -169,6 +207,8 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         _check_matrix(name, t, rows, channels, device, (torch.float32,))
     if out.data_ptr() == state.data_ptr():
         raise ValueError("out must not alias state")
+    if split_k is not None and (not isinstance(split_k, SplitKWorkspace) or split_k.device != device):
+        raise ValueError(f"split_k must be a SplitKWorkspace on {device}, got {split_k!r}")
     if not isinstance(scalars, torch.Tensor) or scalars.dtype != torch.float32 or tuple(scalars.shape) != (4,) \
             or scalars.device != device or not scalars.is_contiguous():
         raise ValueError(f"scalars must be a contiguous float32 tensor [4] {SCALARS} on {device}")
@@ -179,20 +219,24 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         return out
 
     def run(config):
-        block_m, block_c, block_k, warps = config
-        _final_layer_ddpm_step_kernel[(triton.cdiv(rows, block_m),)](
+        block_m, block_c, block_k, warps, split = config
+        tiles = triton.cdiv(rows, block_m)
+        if split > 1:
+            split_k.reserve(tiles * 3 * split * block_m * block_c, tiles)
+        _final_layer_ddpm_step_kernel[(tiles * split,)](
             residual, stats, shift, scale, weight, bias, state, noise, out, scalars,
-            rows, width, channels, uncond_row_offset,
+            split_k.partials if split > 1 else out, split_k.counters if split > 1 else out,
+            rows, width, channels, uncond_row_offset, triton.cdiv(triton.cdiv(width, block_k), split) * block_k,
             residual.stride(0), stats.stride(0), shift.stride(0), weight.stride(0), weight.stride(1),
             state.stride(0), noise.stride(0), out.stride(0),
             **coefficients, ln_eps=float(ln_eps),
             USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=warps, num_stages=2,
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, SPLIT_K=split, num_warps=warps, num_stages=2,
             **programmatic_launch(device))
 
-    candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device))
+    candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device), split_k is not None)
     key = ("final_layer_ddpm_step", rows, net_rows, width, channels, weight.dtype, bool(use_cfg), bool(add_noise),
-           bool(clip_x0), str(device))
+           bool(clip_x0), str(device), split_k is not None)
     run(_tuned_config(key, candidates, run, "final_layer_ddpm_step"))
     return out

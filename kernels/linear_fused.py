@@ -232,26 +232,47 @@ def _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk,
 
 
 @triton.jit
+def _split_k_store(acc, partials_ptr, slot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store this program's fp32 partial tile acc [BLOCK_M, BLOCK_N] into partial slot `slot`."""
+    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tl.store(partials_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offsets, acc)
+
+
+@triton.jit
+def _split_k_arrive(counters_ptr, tile, SPLIT_K: tl.constexpr):
+    """Count this program's arrival on `tile`'s counter once its partials are stored (a CTA barrier
+    first, then one release-acquire atomic: the partials of every thread are visible to whichever
+    program arrives last). True in the program that arrives last."""
+    tl.debug_barrier()
+    return tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+
+
+@triton.jit
+def _split_k_total(partials_ptr, first_slot, last, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """In the last program: the sum of partial slots first_slot .. first_slot + SPLIT_K - 1 in slot
+    order (bitwise the same whichever split arrives last), read from L2; zeros in the others."""
+    tile_elements: tl.constexpr = BLOCK_M * BLOCK_N
+    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    readable = offsets < tile_elements * last.to(tl.int32)  # all of the tile in the last program, none elsewhere
+    base = partials_ptr + first_slot.to(tl.int64) * tile_elements
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        total += tl.load(base + s * tile_elements + offsets, mask=readable, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(sum of the SPLIT_K partial tiles of `tile`, True in the program that arrived last).
 
-    Every program stores its fp32 partial tile, then counts its arrival on the tile's counter
-    (a CTA barrier first, then one release-acquire atomic: the partials of every thread are
-    visible to whichever program arrives last). The last one sums the partials in split order
-    (bitwise the same whichever split arrives last), reading them from L2, and resets the counter
-    to zero for the next launch; the other programs get a zero tile and False.
+    Every program stores its partial tile and arrives on the tile's counter; the last one sums the
+    partials and resets the counter to zero for the next launch; the others get a zero tile and False.
     """
-    tile_elements: tl.constexpr = BLOCK_M * BLOCK_N
-    offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    tile_base = partials_ptr + tile.to(tl.int64) * (SPLIT_K * tile_elements)
-    tl.store(tile_base + split * tile_elements + offsets, acc)
-    tl.debug_barrier()
-    last = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-    readable = offsets < tile_elements * last.to(tl.int32)  # all of the tile in the last program, none elsewhere
-    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for s in range(SPLIT_K):
-        total += tl.load(tile_base + s * tile_elements + offsets, mask=readable, other=0.0, cache_modifier=".cg")
+    _split_k_store(acc, partials_ptr, tile * SPLIT_K + split, BLOCK_M, BLOCK_N)
+    last = _split_k_arrive(counters_ptr, tile, SPLIT_K)
+    total = _split_k_total(partials_ptr, tile * SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_N)
     tl.atomic_xchg(counters_ptr + tile, 0, mask=last, sem="relaxed")
     return total, last
 

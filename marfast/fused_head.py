@@ -26,7 +26,9 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    a cuBLAS GEMM followed by its epilogue as a separate pass (the product then rounded to the
    weight dtype, as the official bf16 head rounds it), and the faster way is kept;
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,
-   learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32.
+   learned-range variance, posterior mean and noise * temperature, writing x_{t-1} in fp32; at up
+   to 64 rows its tuner also tries the width split over several programs (one row block is
+   otherwise the whole grid).
 
 On CUDA the loop (cond_embed and the modulation GEMMs included) is captured once per (bucketed
 row count (`bucket_rows`), CFG on/off, clip on/off, number of steps) as a CUDA graph and replayed: no host
@@ -297,7 +299,7 @@ def _launch_loop(pack, ws, diffusion, clip):
                                   mod[:, base + width:base + 2 * width], pack.final_weight, pack.final_bias, state,
                                   ws.noise[step], next_state, ws.scalars, coefficients[step], use_cfg=ws.use_cfg,
                                   uncond_row_offset=ws.state_rows if ws.use_cfg else 0, add_noise=step > 0,
-                                  clip_x0=clip, ln_eps=pack.final_eps)
+                                  clip_x0=clip, ln_eps=pack.final_eps, split_k=ws.split_k)
             current = 1 - current
     return ws.states[current]
 

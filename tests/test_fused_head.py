@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from marfast import DiffLoss
 from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
@@ -19,7 +20,7 @@ from marfast.fused_head import (MAX_GRAPHS_PER_HEAD, MIN_BUCKET_ROWS, bucket_row
                                 modulation_chunks, modulation_steps_per_gemm, packed_head, release_fused_cache)
 from marfast.kernels.adaln_input import adaln_input
 from marfast.kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
-from marfast.kernels import linear_fused
+from marfast.kernels import ddpm_step, linear_fused
 from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual, linear_gelu,
                                           linear_ln_modulate_silu, stats_shape)
 from marfast.mar import next_mask_len
@@ -264,11 +265,16 @@ def test_block_gemms_time_cublas_against_triton_above_skinny_rows(faster, monkey
 
 
 def force_split_k(monkeypatch, block_m=16, block_n=32, block_k=16, split=3):
-    """Make every GEMM launch that gets a SplitKWorkspace run this one K-split configuration."""
+    """Make every GEMM launch, and every final-layer launch, that gets a SplitKWorkspace run this one
+    K-split configuration."""
     def configs(configs, M, N, K, gpu, has_workspace):
         return [(block_m, block_n, block_k, 4, 1, split if has_workspace else 1)]
 
+    def final_configs(rows, width, channels, gpu, has_workspace=False):
+        return [(block_m, max(16, triton.next_power_of_2(channels)), block_k, 4, split if has_workspace else 1)]
+
     monkeypatch.setattr(linear_fused, "_with_split_k", configs)
+    monkeypatch.setattr(ddpm_step, "_candidate_block_sizes", final_configs)
 
 
 @pytest.mark.parametrize("rows,k,width,split", [(7, 72, 40, 3), (33, 40, 72, 2), (1, 72, 40, 5)])
@@ -317,6 +323,11 @@ def test_split_k_workspace_is_checked():
     stats = torch.zeros(stats_shape(4, 40), device=DEVICE)
     with pytest.raises(ValueError, match="split_k must be a SplitKWorkspace"):
         linear_gated_residual(x, w, b, gate, out.clone(), out, stats, split_k=object())
+    state = torch.zeros(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="split_k must be a SplitKWorkspace"):
+        final_layer_ddpm_step(x, stats, gate, gate, torch.randn(16, 40, device=DEVICE), torch.zeros(16, device=DEVICE),
+                              state, state.clone(), state.clone(), torch.zeros(4, device=DEVICE),
+                              step_coefficients(GaussianDiffusion(2), 0), use_cfg=False, split_k=object())
 
 
 def test_programmatic_launch_setting(monkeypatch):
@@ -361,9 +372,13 @@ def final_layer_step64(h, shift, scale, w, b, x_t, noise, diffusion, step, tempe
     return diffusion.p_sample_step(eps, v, x_t, step, noise, temperature, clip)
 
 
+@pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("rows,use_cfg,step,clip", [(7, True, 3, None), (1, False, 0, None), (33, True, 0, (-1.0, 1.0)),
                                                     (7, False, 2, (-0.5, 0.5))])
-def test_final_layer_ddpm_step_matches_float64(rows, use_cfg, step, clip):
+def test_final_layer_ddpm_step_matches_float64(rows, use_cfg, step, clip, split, monkeypatch):
+    """Against float64, unsplit and with the width split over 3 programs (16-column K steps over
+    width 40: the last part is short); split, two runs agree bitwise and the arrival counters are
+    left at zero."""
     torch.manual_seed(rows + step)
     width, channels = 40, 16
     diffusion = GaussianDiffusion(5)
@@ -377,15 +392,25 @@ def test_final_layer_ddpm_step_matches_float64(rows, use_cfg, step, clip):
     cfg, temperature = 2.5, 0.7
     lo, hi = clip if clip is not None else (0.0, 0.0)
     scalars = torch.tensor([cfg, temperature, lo, hi])
-    out = poisoned(rows, channels)
     modulation_dev = modulation.to(DEVICE)
-    final_layer_ddpm_step(*on_device(h, group_stats64(h.double()).float()), modulation_dev[:, :width],
-                          modulation_dev[:, width:], *on_device(w, b, x_t, noise), out, scalars.to(DEVICE),
-                          step_coefficients(diffusion, step), use_cfg=use_cfg, uncond_row_offset=uncond or 0,
-                          add_noise=step > 0, clip_x0=clip is not None)
+    workspace = None
+    if split > 1:
+        force_split_k(monkeypatch, split=split)
+        workspace = linear_fused.SplitKWorkspace(DEVICE)
+    outs = []
+    for _ in range(2):
+        out = poisoned(rows, channels)
+        final_layer_ddpm_step(*on_device(h, group_stats64(h.double()).float()), modulation_dev[:, :width],
+                              modulation_dev[:, width:], *on_device(w, b, x_t, noise), out, scalars.to(DEVICE),
+                              step_coefficients(diffusion, step), use_cfg=use_cfg, uncond_row_offset=uncond or 0,
+                              add_noise=step > 0, clip_x0=clip is not None, split_k=workspace)
+        outs.append(out)
     expected = final_layer_step64(h.double(), shift.double(), scale.double(), w.double(), b.double(), x_t.double(),
                                   noise.double(), diffusion, step, temperature, cfg, uncond, clip)
-    assert_close64(out, expected, rtol=1e-4, atol=1e-4)
+    assert_close64(outs[0], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[0], outs[1])
+    if workspace is not None:
+        assert workspace.counters.numel() > 0 and not workspace.counters.any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -764,6 +789,41 @@ def test_gpu_split_k_gemm_matches_unsplit_and_reruns_bitwise(split, monkeypatch)
     for _ in range(50):
         again, again_stats = run(split, workspace)
         assert torch.equal(again, first) and torch.equal(again_stats, first_stats)
+    assert not workspace.counters.any()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("split", [4, 16])
+def test_gpu_split_final_layer_matches_unsplit_and_reruns_bitwise(split, monkeypatch):
+    """mar_base's final layer + DDPM step at 16 state rows with CFG, bf16 weights, on the device: the
+    width split over `split` programs equals the unsplit kernel up to fp32 summation order, 50
+    reruns are bitwise equal and every arrival counter is back at zero."""
+    rows, width, channels = 16, 1024, 16
+    gen = torch.Generator(device="cuda").manual_seed(split)
+    h = torch.randn(2 * rows, width, device="cuda", generator=gen) + 1
+    stats = group_stats64(h.double().cpu()).float().cuda()
+    modulation = (0.3 * torch.randn(2 * rows, 2 * width, device="cuda", generator=gen)).bfloat16()
+    w = (torch.randn(2 * channels, width, device="cuda", generator=gen) / 32).bfloat16()
+    b = 0.1 * torch.randn(2 * channels, device="cuda", generator=gen)
+    x_t, noise = (torch.randn(rows, channels, device="cuda", generator=gen) for _ in range(2))
+    scalars = torch.tensor([2.5, 0.7, 0.0, 0.0], device="cuda")
+    coefficients = step_coefficients(GaussianDiffusion(10), 4)
+
+    def run(parts, workspace):
+        monkeypatch.setattr(ddpm_step, "_candidate_block_sizes",
+                            lambda rows, width, channels, gpu, has_workspace=False: [(16, 16, 64, 4, parts)])
+        out = torch.full((rows, channels), float("nan"), device="cuda")
+        final_layer_ddpm_step(h, stats, modulation[:, :width], modulation[:, width:], w, b, x_t, noise, out, scalars,
+                              coefficients, use_cfg=True, uncond_row_offset=rows, split_k=workspace)
+        return out
+
+    workspace = linear_fused.SplitKWorkspace("cuda")
+    unsplit = run(1, None)
+    first = run(split, workspace)
+    torch.testing.assert_close(first, unsplit, rtol=1e-4, atol=1e-4)
+    for _ in range(50):
+        assert torch.equal(run(split, workspace), first)
     assert not workspace.counters.any()
 
 

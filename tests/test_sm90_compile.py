@@ -50,8 +50,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
     input projection, both block GEMMs (LN-modulate written once, and at few rows also fused
     into the GEMM prologue; also split along K at few rows; at many rows also the gated-residual
-    pass after a cuBLAS GEMM), the final layer with the DDPM step; every tuning candidate of each
-    GEMM. Each is launched with PDL and waits for the previous kernel before its first global
+    pass after a cuBLAS GEMM), the final layer with the DDPM step (its width split over several
+    programs at few rows); every tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel before its first global
     memory access."""
     head = base_head()
     pack = packed_head(head.net)
@@ -77,7 +77,12 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
         assert (kernel["l2_prefetches_before_wait"] > 0) == prefetching, kernel["constants"]
         assert (kernel["l2_prefetches"] > 0) == prefetching, kernel["constants"]
     assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == (state_rows == 4)
-    final_blocks = {k["constants"]["BLOCK_M"] for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"}
+    final = [k for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"]
+    split_final = [k for k in final if k["constants"]["SPLIT_K"] > 1]
+    assert bool(split_final) == (state_rows == 4), "the final layer splits the width at few rows only"
+    for kernel in split_final:  # one arrival per program, partials read from L2
+        assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
+    final_blocks = {k["constants"]["BLOCK_M"] for k in final}
     if state_rows == 2048:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
         assert {16, 32, 64} <= final_blocks, final_blocks
     # above 64 rows the gated residual is also timed as a cuBLAS GEMM + this epilogue pass
