@@ -26,7 +26,7 @@ import triton.language as tl
 from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, SplitKWorkspace, _check_matrix,
                            _check_stats, _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive,
                            _split_k_store, _split_k_total, _tuned_config, dot_precision, gpu_configs, interpreting,
-                           programmatic_launch, wait_for_previous_grid)
+                           programmatic_launch, split_k_range, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 SPLIT_K_PARTS = (4, 16)  # K-split candidates at few rows (each capped by the width's K steps)
@@ -49,16 +49,7 @@ def _final_layer_ddpm_step_kernel(
     SPLIT_K > 1: SPLIT_K consecutive programs share a row block, each over k_split_len of the width;
     partial slots of row block p: 3 * SPLIT_K from p * 3 * SPLIT_K (eps_c, v, eps_u, split-major)."""
     wait_for_previous_grid(PDL)
-    pid = tl.program_id(0)
-    if SPLIT_K > 1:
-        split = pid % SPLIT_K
-        pid = pid // SPLIT_K
-        k_begin = split * k_split_len
-        k_end = tl.minimum(width, k_begin + k_split_len)
-    else:
-        split = 0
-        k_begin = 0
-        k_end = width
+    pid, split, k_begin, k_end = split_k_range(tl.program_id(0), width, k_split_len, SPLIT_K)
     cond_rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = cond_rows < rows
     uncond_rows = cond_rows + uncond_row_offset

@@ -232,6 +232,23 @@ def _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk,
 
 
 @triton.jit
+def split_k_range(pid, K, k_split_len, SPLIT_K: tl.constexpr):
+    """(tile, split, k_begin, k_end) of program `pid`: SPLIT_K consecutive programs share a tile,
+    each over k_split_len of K (the whole of K without a split)."""
+    if SPLIT_K > 1:
+        split = pid % SPLIT_K
+        tile = pid // SPLIT_K
+        k_begin = split * k_split_len
+        k_end = tl.minimum(K, k_begin + k_split_len)
+    else:
+        split = 0
+        tile = pid
+        k_begin = 0
+        k_end = K
+    return tile, split, k_begin, k_end
+
+
+@triton.jit
 def _split_k_store(acc, partials_ptr, slot, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store this program's fp32 partial tile acc [BLOCK_M, BLOCK_N] into partial slot `slot`."""
     offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
@@ -301,16 +318,7 @@ def _linear_fused_kernel(
     epilogue, the others store nothing.
     """
     # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
-    pid = tl.program_id(0)
-    if SPLIT_K > 1:
-        split = pid % SPLIT_K
-        pid = pid // SPLIT_K
-        k_begin = split * k_split_len
-        k_end = tl.minimum(K, k_begin + k_split_len)
-    else:
-        split = 0
-        k_begin = 0
-        k_end = K
+    pid, split, k_begin, k_end = split_k_range(tl.program_id(0), K, k_split_len, SPLIT_K)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     band = pid // (GROUP_M * tiles_n)
