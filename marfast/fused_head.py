@@ -31,14 +31,15 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    otherwise the whole grid).
 
 On CUDA the loop (cond_embed and the modulation GEMMs included) is captured once per (bucketed
-row count (`bucket_rows`), CFG on/off, clip on/off, number of steps) as a CUDA graph and replayed: no host
-synchronisation and no Python work per step. On sm_90+ every Triton kernel of the loop is launched
-with programmatic dependent launch (`linear_fused.programmatic_launch`; MARFAST_PDL=0 turns it
-off): a kernel's blocks are scheduled while its predecessor drains and wait for it on the device,
-which hides most of the gap between consecutive kernels (about 14 per DDPM step); at up to 64 rows
-the GEMMs' blocks first ask L2 for their weights, so each weight stream overlaps the kernel before. The first call for a bucket runs the loop eagerly (compiling and tuning the
-kernels; its result is returned) and then captures. Under the Triton CPU interpreter the loop
-runs eagerly through the same launchers.
+row count (`bucket_rows`), CFG on/off, clip on/off, number of steps) as a CUDA graph and
+replayed: no host synchronisation and no Python work per step. On sm_90+ every Triton kernel of
+the loop is launched with programmatic dependent launch (`linear_fused.programmatic_launch`;
+MARFAST_PDL=0 turns it off): a kernel's blocks are scheduled while its predecessor drains and wait
+for it on the device, which hides most of the gap between consecutive kernels (about 14 per DDPM
+step); at up to 64 rows the GEMMs' blocks first ask L2 for their weights, so each weight stream
+overlaps the kernel before. The first call for a bucket runs the loop eagerly (compiling, tuning
+and timing the kernels; its result is returned) and then captures. Under the Triton CPU
+interpreter the loop runs eagerly through the same launchers.
 
 Packed weights (the concatenated adaLN weight, fp32 biases, cached time embeddings, graphs) are
 cached per net and rebuilt when any parameter's storage or version counter changes (optimizer
