@@ -782,8 +782,9 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
 
     if not gpu_configs(device):
         return two_pass() if rows > PROLOGUE_MAX_ROWS else fused_prologue()
+    # not keyed on PDL: the ways round differently, and the loop must give the same result with PDL on and off
     key = (tuning_rows(rows), k, out.shape[1], weight.dtype, out.dtype, dot_precision(weight.dtype),
-           ln_weight is not None, str(device), split_k is not None, programmatic_launch(device)["PDL"])
+           ln_weight is not None, str(device), split_k is not None)
     if rows <= PROLOGUE_MAX_ROWS:
         ways = {"fused_prologue": fused_prologue, "two_pass": two_pass}
         return ways[fastest_way(_PROLOGUE_CHOICE, key, ways, "linear_ln_modulate_silu's LayerNorm-modulate prologue")]()
@@ -827,6 +828,6 @@ def linear_gated_residual(hidden, weight, bias, gate, residual, residual_out, st
     if rows <= SKINNY_MAX_ROWS or not gpu_configs(device):
         return fused_epilogue()
     key = ("linear_gated_residual", tuning_rows(rows), n, hidden.shape[1], hidden.dtype, weight.dtype, gate.dtype,
-           dot_precision(weight.dtype), str(device), programmatic_launch(device)["PDL"])
+           dot_precision(weight.dtype), str(device))  # not keyed on PDL, as in linear_ln_modulate_silu
     ways = {"fused_epilogue": fused_epilogue, "cublas_gemm": cublas_gemm}
     return ways[fastest_way(_GEMM_WAY_CHOICE, key, ways, "linear_gated_residual's GEMM (Triton or cuBLAS)")]()
