@@ -86,17 +86,18 @@ class _Block:
         self.ln_bias = None if ln.bias is None else ln.bias.detach().float()
         self.ln_eps = float(ln.eps)
         self.fc1_weight = block.mlp[0].weight.detach()
-        self.fc1_bias = block.mlp[0].bias.detach().float()
+        self.fc1_bias = block.mlp[0].bias.detach()  # the weight dtype: the cuBLAS ways add it without a cast
         self.fc2_weight = block.mlp[2].weight.detach()
-        self.fc2_bias = block.mlp[2].bias.detach().float()
+        self.fc2_bias = block.mlp[2].bias.detach()
 
 
 class PackedHead:
     """The net's weights arranged for the fused loop (built once per weight version).
 
     ada_weight [(3D + 2) W, W] is the concatenation of the adaLN linears of all blocks (shift,
-    scale, gate each) and of the final layer (shift, scale); biases used by Triton epilogues are
-    fp32 copies; GEMM weights are the parameters themselves (no copy). modulation_provider:
+    scale, gate each) and of the final layer (shift, scale); biases used only by Triton epilogues
+    are fp32 copies; GEMM weights and the blocks' MLP biases (also read by the cuBLAS ways of the
+    block launchers, and exactly representable either way) are the parameters themselves (no copy). modulation_provider:
     "auto", "cublas" or "triton" (see `modulation_gemm`); modulation_gemm_rows: the row count the
     step-batched modulation GEMM aims at (see `modulation_steps_per_gemm`).
     """
