@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, SplitKWorkspace, _check_matrix,
-                           _check_stats, _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive,
-                           _split_k_store, _split_k_total, _tuned_config, dot_precision, gpu_configs, interpreting,
-                           programmatic_launch, split_k_range, wait_for_previous_grid)
+from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
+                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive, _split_k_store,
+                           _split_k_total, _tuned_config, check_split_k, dot_precision, gpu_configs, interpreting,
+                           programmatic_launch, split_k_range, split_length, split_parts, wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 SPLIT_K_PARTS = (4, 16)  # K-split candidates at few rows (each capped by the width's K steps)
@@ -152,7 +152,7 @@ def _candidate_block_sizes(rows, width, channels, gpu, has_workspace=False):
         shapes += [(block_m, min(k, widest), warps, 1) for k, warps in ((128, 8), (256, 8))]
         k_steps = triton.cdiv(width, block_k)
         for parts in SPLIT_K_PARTS if has_workspace else ():
-            split = triton.cdiv(k_steps, triton.cdiv(k_steps, min(parts, k_steps)))  # none of them empty
+            split = split_parts(k_steps, parts)
             if split > 1:
                 shapes.append((block_m, block_k, 4, split))
     else:
@@ -198,8 +198,7 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         _check_matrix(name, t, rows, channels, device, (torch.float32,))
     if out.data_ptr() == state.data_ptr():
         raise ValueError("out must not alias state")
-    if split_k is not None and (not isinstance(split_k, SplitKWorkspace) or split_k.device != device):
-        raise ValueError(f"split_k must be a SplitKWorkspace on {device}, got {split_k!r}")
+    check_split_k(split_k, device)
     if not isinstance(scalars, torch.Tensor) or scalars.dtype != torch.float32 or tuple(scalars.shape) != (4,) \
             or scalars.device != device or not scalars.is_contiguous():
         raise ValueError(f"scalars must be a contiguous float32 tensor [4] {SCALARS} on {device}")
@@ -217,7 +216,7 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
         _final_layer_ddpm_step_kernel[(tiles * split,)](
             residual, stats, shift, scale, weight, bias, state, noise, out, scalars,
             split_k.partials if split > 1 else out, split_k.counters if split > 1 else out,
-            rows, width, channels, uncond_row_offset, triton.cdiv(triton.cdiv(width, block_k), split) * block_k,
+            rows, width, channels, uncond_row_offset, split_length(width, block_k, split),
             residual.stride(0), stats.stride(0), shift.stride(0), weight.stride(0), weight.stride(1),
             state.stride(0), noise.stride(0), out.stride(0),
             **coefficients, ln_eps=float(ln_eps),

@@ -577,6 +577,22 @@ def _check_no_alias(out_name, out, in_name, inp):
 SPLIT_K_PROGRAMS = 128
 
 
+def split_parts(k_steps, wanted):
+    """How many parts to split k_steps K steps into: about `wanted` (at most k_steps), none empty."""
+    return triton.cdiv(k_steps, triton.cdiv(k_steps, min(wanted, k_steps)))
+
+
+def split_length(K, block_k, split):
+    """K elements per part when K is split into `split` parts of whole BLOCK_K steps."""
+    return triton.cdiv(triton.cdiv(K, block_k), split) * block_k
+
+
+def check_split_k(split_k, device):
+    """split_k must be None or a SplitKWorkspace on `device`."""
+    if split_k is not None and (not isinstance(split_k, SplitKWorkspace) or split_k.device != device):
+        raise ValueError(f"split_k must be a SplitKWorkspace on {device}, got {split_k!r}")
+
+
 def _with_split_k(configs, M, N, K, gpu, has_workspace):
     """Each configuration as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): unsplit,
     and (with a split-K workspace, on a GPU, for at most SKINNY_MAX_ROWS rows, all but the
@@ -590,8 +606,7 @@ def _with_split_k(configs, M, N, K, gpu, has_workspace):
         out.append((bm, bn, bk, warps, stages, 1))
         if gpu and has_workspace and M <= SKINNY_MAX_ROWS:
             tiles, k_steps = triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, bk)
-            wanted = min(k_steps, triton.cdiv(SPLIT_K_PROGRAMS, tiles))
-            split = triton.cdiv(k_steps, triton.cdiv(k_steps, wanted))  # as many parts, none of them empty
+            split = split_parts(k_steps, triton.cdiv(SPLIT_K_PROGRAMS, tiles))
             if split > 1:
                 out.append((bm, bn, bk, warps, stages, split))
     return out + [fallback + (1,)]
@@ -623,8 +638,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
             stats_out=None, split_k=None):
     M, N = out.shape
     K = weight.shape[1]
-    if split_k is not None and (not isinstance(split_k, SplitKWorkspace) or split_k.device != out.device):
-        raise ValueError(f"split_k must be a SplitKWorkspace on {out.device}, got {split_k!r}")
+    check_split_k(split_k, out.device)
     mod = shift if shift is not None else gate
     dummy = out
     args = dict(
@@ -651,7 +665,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
     def run(config):
         block_m, block_n, block_k, warps, stages, split = config
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        k_split_len = triton.cdiv(triton.cdiv(K, block_k), split) * block_k
+        k_split_len = split_length(K, block_k, split)
         if split > 1:
             split_k.reserve(tiles * split * block_m * block_n, tiles)
         prefetch_k = min(block_k, 128 // weight.element_size()) if args["PDL"] and M <= SKINNY_MAX_ROWS else 0
