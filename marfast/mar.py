@@ -106,8 +106,9 @@ class Block(nn.Module):
     norm_backend (not in the state dict; `set_norm_backend` sets it on every block of a model):
     "torch" runs the block as written; "triton" runs its LayerNorms through the fused Triton
     `add_layernorm` (inference only: autograd must be off; CUDA, or the CPU interpreter): the
-    attention branch's residual add and norm2 are one pass, and both norms write the dtype the
-    next GEMM reads (autocast's bf16/fp16) instead of fp32 that autocast casts again; the MLP runs
+    attention branch's residual add and norm2 are one pass (and, in `run_blocks_then_norm`, the
+    MLP branch's add and the next norm1), and both norms write the dtype the next GEMM reads
+    (autocast's bf16/fp16) instead of fp32 that autocast casts again; the MLP runs
     `Mlp.forward_inference` (fc1 + GELU as one Triton GEMM where that is faster). "auto"
     (default) takes "triton" where it applies on CUDA (no autograd, a float32 residual stream,
     LayerNorms with weight and bias) and "torch" otherwise. Both compute the same function.
@@ -130,10 +131,18 @@ class Block(nn.Module):
         if dtype is None:
             x = x + attend(self.norm1(x))
             return x + self.mlp(self.norm2(x))
-        x = x.contiguous()
-        _, h = add_layernorm(x, None, self.norm1.weight, self.norm1.bias, self.norm1.eps, dtype)
-        x, h = add_layernorm(x, attend(h).contiguous(), self.norm2.weight, self.norm2.bias, self.norm2.eps, dtype)
-        return x + self.mlp.forward_inference(h)
+        x, update = self.fused_residual_branches(x.contiguous(), None, attend, dtype)
+        return x + update
+
+    def fused_residual_branches(self, x, pending, attend, dtype):
+        """The block on the fused LayerNorms (`fused_norm_dtype(x)` is dtype), leaving its last add
+        to the caller: x float32 [B, n, D] contiguous, pending: an update not yet added to x (the
+        previous block's MLP output, [B, n, D]) or None. Returns (s, u): s = x + pending +
+        attend(norm1(x + pending)) (float32) and u = mlp(norm2(s)) (dtype); the block's output is
+        s + u, which the next LayerNorm's pass can add (`run_blocks_then_norm`)."""
+        s, h = add_layernorm(x, pending, self.norm1.weight, self.norm1.bias, self.norm1.eps, dtype)
+        s, h = add_layernorm(s, attend(h).contiguous(), self.norm2.weight, self.norm2.bias, self.norm2.eps, dtype)
+        return s, self.mlp.forward_inference(h)
 
     def fused_norm_dtype(self, x):
         """The dtype the fused LayerNorms write for input x (autocast's dtype where autocast is on for
@@ -148,8 +157,8 @@ class Block(nn.Module):
             ("autograd is on (the fused LayerNorms have no backward)", torch.is_grad_enabled()),
             (f"the residual stream is {x.dtype}, not float32", x.dtype != torch.float32),
             (f"the output dtype {dtype} is not one of {WEIGHT_DTYPES}", dtype not in WEIGHT_DTYPES),
-            ("the LayerNorms lack a weight or bias", any(not isinstance(n, nn.LayerNorm) or n.weight is None
-                                                         or n.bias is None for n in (self.norm1, self.norm2))),
+            ("the LayerNorms lack a weight or bias", not (affine_layer_norm(self.norm1)
+                                                          and affine_layer_norm(self.norm2))),
             (f"tensors are on {x.device} (Triton needs CUDA or TRITON_INTERPRET=1)",
              device_type != "cuda" and not interpreting())) if bad]
         if self.norm_backend == "auto":
@@ -157,6 +166,32 @@ class Block(nn.Module):
         if problems:
             raise RuntimeError("norm_backend 'triton' cannot run here: " + "; ".join(problems))
         return dtype
+
+
+def affine_layer_norm(norm):
+    """Whether `norm` is an nn.LayerNorm with weight and bias (what `add_layernorm` computes)."""
+    return isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.bias is not None
+
+
+def run_blocks_then_norm(blocks, x, norm, run_block=lambda block, x: block(x)):
+    """norm(x after every block of `blocks` in turn): [B, n, D] -> [B, n, D].
+
+    Where every block runs on the fused LayerNorms (sampling on CUDA: `Block.fused_norm_dtype`)
+    and norm is an affine LayerNorm, each block's MLP output is added to the residual stream inside
+    the next LayerNorm's pass (the next block's norm1, or `norm`, written in float32 as
+    nn.LayerNorm writes it, also under autocast) instead of in a pass of its own. Otherwise
+    run_block(block, x) runs each block (the caller's hook for gradient checkpointing).
+    """
+    dtypes = {block.fused_norm_dtype(x) for block in blocks}
+    if len(dtypes) != 1 or None in dtypes or not affine_layer_norm(norm):
+        for block in blocks:
+            x = run_block(block, x)
+        return norm(x)
+    dtype = dtypes.pop()
+    x, pending = x.contiguous(), None
+    for block in blocks:
+        x, pending = block.fused_residual_branches(x, pending, block.attn, dtype)
+    return add_layernorm(x, pending, norm.weight, norm.bias, norm.eps, torch.float32)[1]
 
 
 def set_norm_backend(module, backend):
@@ -387,13 +422,13 @@ class MAR(nn.Module):
 
     def run_encoder(self, x):
         """Kept encoder inputs [B, buffer + known, D] -> encoder blocks and norm, same shape."""
-        return self.encoder_norm(self._run_blocks(self.encoder_blocks, x))
+        return run_blocks_then_norm(self.encoder_blocks, x, self.encoder_norm, self._run_block)
 
     def run_decoder(self, x_after_pad):
         """Decoder inputs of the buffer and every position [B, buffer + L, Dd] -> z [B, L, Dd]."""
-        x = self._run_blocks(self.decoder_blocks, x_after_pad + self.decoder_pos_embed_learned)
-        x = self.decoder_norm(x)[:, self.buffer_size:]
-        return x + self.diffusion_pos_embed_learned
+        x = run_blocks_then_norm(self.decoder_blocks, x_after_pad + self.decoder_pos_embed_learned,
+                                 self.decoder_norm, self._run_block)
+        return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
     def forward_mae_encoder(self, x, mask, class_embedding, generator=None):
         """Tokens [B, L, Ct], mask [B, L] (1 = masked, same count per row), class emb [B, D]
@@ -412,13 +447,10 @@ class MAR(nn.Module):
         x_after_pad[(1 - mask_with_buffer).nonzero(as_tuple=True)] = x.reshape(-1, x.shape[2])
         return self.run_decoder(x_after_pad)
 
-    def _run_blocks(self, blocks, x):
-        for blk in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+    def _run_block(self, block, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     # ----------------------------------------------------------------------------------------
     # training

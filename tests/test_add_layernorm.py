@@ -147,6 +147,58 @@ def test_mlp_forward_inference_runs_the_gelu_gemm_only_where_it_computes_forward
             torch.testing.assert_close(changed.forward_inference(x), expected)
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_blocks_then_norm_adds_each_mlp_output_in_the_next_norm(depth, monkeypatch, poisoned_outputs):
+    """`run_blocks_then_norm` on the fused norms: one pass per LayerNorm (2 per block + the final
+    norm), the first without an update, every later one adding the branch output before it; the
+    result matches the torch modules in float64, and the final norm writes float32."""
+    torch.manual_seed(depth)
+    blocks = nn.ModuleList(random_block(Block, seed=i) for i in range(depth))
+    norm = nn.LayerNorm(40, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.add_(0.2 * torch.randn(40))
+        norm.bias.add_(0.2 * torch.randn(40))
+    reference_blocks, reference_norm = copy.deepcopy(blocks).double(), copy.deepcopy(norm).double()
+    set_norm_backend(reference_blocks, "torch")
+    set_norm_backend(blocks, "triton")
+    updates = []
+
+    def spy(x, update, *args):
+        updates.append(update)
+        return add_layernorm(x, update, *args)
+
+    monkeypatch.setattr(mar_module, "add_layernorm", spy)
+    x = 2 + torch.randn(2, 9, 40)
+    with torch.no_grad():
+        out = mar_module.run_blocks_then_norm(blocks, x, norm)
+        expected = mar_module.run_blocks_then_norm(reference_blocks, x.double(), reference_norm)
+    assert len(updates) == 2 * depth + 1
+    assert updates[0] is None and all(u is not None for u in updates[1:])
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_then_norm_runs_each_block_where_a_norm_is_not_fused():
+    """A final norm without affine parameters, or blocks on the torch norms, take the plain path
+    through the caller's run_block (gradient checkpointing's hook)."""
+    blocks = nn.ModuleList(random_block(Block, seed=i) for i in range(2))
+    x = torch.randn(1, 4, 40)
+    ran = []
+
+    def run_block(block, x):
+        ran.append(block)
+        return block(x)
+
+    for backend, norm in (("triton", nn.LayerNorm(40, elementwise_affine=False)), ("torch", nn.LayerNorm(40))):
+        set_norm_backend(blocks, backend)
+        ran.clear()
+        with torch.no_grad():
+            out = mar_module.run_blocks_then_norm(blocks, x, norm, run_block)
+            expected = norm(blocks[1](blocks[0](x)))
+        assert ran == list(blocks)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_mar_fast_loop_with_triton_norms_matches_torch_norms():
     """The whole sampling loop (encoder and decoder blocks) with the fused LayerNorms gives the
     tokens of the torch LayerNorms, up to fp32 rounding carried through the diffusion head."""
