@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+from torch.func import functional_call
 from tqdm import tqdm
 
 from .attention import requested_backend as requested_attention_backend
@@ -102,6 +104,41 @@ def refine_known_tokens(model, tokens, orders, z_all, plan):
     tokens.scatter_(1, token_index, refined.reshape(bsz, -1, channels).to(tokens.dtype))
 
 
+STEP_LINEARS = ("z_proj", "encoder_blocks", "decoder_embed", "decoder_blocks")
+
+
+def step_linear_weights(model, dtype):
+    """{parameter name: weight in dtype} for the float32 weights of the nn.Linear layers that
+    `conditions_for_step` runs (under `STEP_LINEARS`); empty for float32 or float64 dtype."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return {}
+    weights = {}
+    for attribute in STEP_LINEARS:
+        for name, module in getattr(model, attribute).named_modules(prefix=attribute):
+            if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
+                weights[f"{name}.weight"] = module.weight.detach().to(dtype)
+    return weights
+
+
+class _StepCall(nn.Module):
+    """forward() = step(model): lets `functional_call` substitute the model's parameters."""
+
+    def __init__(self, model, step):
+        super().__init__()
+        self.model, self.step = model, step
+
+    def forward(self):
+        return self.step(self.model)
+
+
+def conditions_with_weights(model, weights, step):
+    """step(model) with the parameters named in `weights` ({name: tensor}) replaced by those
+    tensors for the call (`torch.func.functional_call`); the model is unchanged afterwards."""
+    if not weights:
+        return step(model)
+    return functional_call(_StepCall(model, step), {f"model.{name}": w for name, w in weights.items()}, ())
+
+
 class StepGraphs:
     """CUDA graphs of the transformer half of the AR steps (`conditions_for_step`) for one batch
     size, CFG setting, autocast state and set of parameter tensors.
@@ -112,7 +149,10 @@ class StepGraphs:
     which is safe in any replay order because each replay's outputs are consumed before the next
     replay. It keeps no reference to the model (it is cached in a WeakKeyDictionary keyed by the
     model). Autocast is re-entered with its weight-cast cache off during capture, as CUDA graphs
-    require; the casts are part of the graphs.
+    require; so that the graphs do not cast every Linear weight at every replay, the float32
+    weights of the step's Linear layers are held as copies in autocast's dtype (bf16/fp16:
+    `step_linear_weights`, half the transformer's fp32 size in extra memory) and the steps run on
+    them. Autocast would compute the same casts, so the results do not change.
     """
 
     def __init__(self, model, bsz, use_cfg):
@@ -128,6 +168,7 @@ class StepGraphs:
         self.class_embedding = torch.zeros(2 * bsz if use_cfg else bsz, model.fake_latent.shape[-1],
                                            dtype=model.fake_latent.dtype, device=dev)
         self.buffer_positions = torch.arange(model.buffer_size, device=dev)
+        self.low_weights = step_linear_weights(model, self.autocast[1] if self.autocast[0] else torch.float32)
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(dev)
         self.graphs = {}
@@ -145,8 +186,8 @@ class StepGraphs:
             buffer.copy_(value)
 
     def _step(self, model, plan):
-        return conditions_for_step(model, self.tokens, self.orders, self.class_embedding, plan, self.use_cfg,
-                                   self.buffer_positions)
+        return conditions_with_weights(model, self.low_weights, lambda m: conditions_for_step(
+            m, self.tokens, self.orders, self.class_embedding, plan, self.use_cfg, self.buffer_positions))
 
     def capture(self, model, plans):
         """Capture the graphs of `model`'s steps in `plans` that have none yet (synchronises)."""
@@ -182,10 +223,12 @@ _step_graphs = weakref.WeakKeyDictionary()
 def step_graphs_for(model, bsz, use_cfg):
     """The StepGraphs of `model` for this batch size, CFG setting and the current autocast state and
     attention backend request, cached on the model (one configuration at a time, so the graphs'
-    memory pool of a previous configuration is released). Parameters replaced since the capture
-    (e.g. by `.to(dtype)`) invalidate the cache."""
+    memory pool of a previous configuration is released). Parameters replaced or updated in place
+    since the capture (e.g. by `.to(dtype)`, `load_state_dict` or an optimizer step; writes through
+    `.data` bypass version counters) invalidate the cache."""
     key = (bsz, use_cfg, model.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-           requested_attention_backend(), tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters()))
+           requested_attention_backend(),
+           tuple((p.data_ptr(), p._version, p.dtype, p.shape) for p in model.parameters()))
     cached = _step_graphs.get(model)
     if cached is None or cached[0] != key:
         _step_graphs.pop(model, None)

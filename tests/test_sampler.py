@@ -5,8 +5,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from marfast.mar import mask_by_order, next_mask_len
-from marfast.sampler import (CUDA_GRAPHS_ENV_VAR, PhaseTimer, conditions_for_step, plan_steps, run_ar_loop,
-                             sample_tokens_fast, step_graphs_for)
+from marfast.sampler import (CUDA_GRAPHS_ENV_VAR, PhaseTimer, conditions_for_step, conditions_with_weights,
+                             plan_steps, run_ar_loop, sample_tokens_fast, step_graphs_for, step_linear_weights)
 
 from helpers import tiny_mar
 
@@ -98,6 +98,35 @@ def test_step_conditions_equal_reference_encoder_decoder(use_cfg):
                                            torch.arange(model.buffer_size))
     assert torch.equal(z, expected)
     assert torch.equal(predicted, to_predict.nonzero()[:, 1].reshape(bsz, -1))
+
+
+def test_step_on_low_precision_linear_weights_equals_autocast():
+    """The CUDA graphs' transformer steps run on autocast-dtype copies of the step's Linear weights:
+    under autocast the conditions are bitwise those of the fp32 weights; the copies cover every
+    Linear the step runs and nothing else; the substitution is real and leaves the model as it was."""
+    model = random_tiny_mar(seed=5)
+    plan = plan_steps(model, 4, 2.0, "linear")[1]
+    orders = model.sample_orders(2, torch.Generator().manual_seed(3))
+    tokens = torch.randn(2, model.seq_len, model.token_embed_dim)
+    class_embedding = torch.cat([model.class_emb(torch.tensor([1, 2])), model.fake_latent.repeat(2, 1)])
+
+    def step(m):
+        return conditions_for_step(m, tokens, orders, class_embedding, plan, True, torch.arange(model.buffer_size))
+
+    weights = step_linear_weights(model, torch.bfloat16)
+    linears = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and name.split(".")[0] in ("z_proj", "encoder_blocks", "decoder_embed", "decoder_blocks")}
+    assert set(weights) == linears and len(linears) == 2 + 4 * (len(model.encoder_blocks) + len(model.decoder_blocks))
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert step_linear_weights(model, torch.float32) == {}
+    before = {name: p for name, p in model.named_parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = step(model)
+        substituted = conditions_with_weights(model, weights, step)
+        zeroed = conditions_with_weights(model, {"z_proj.weight": torch.zeros_like(weights["z_proj.weight"])}, step)
+    assert all(torch.equal(a, b) for a, b in zip(substituted, expected))
+    assert not torch.equal(zeroed[0], expected[0])
+    assert all(p is before[name] for name, p in model.named_parameters()) and model.z_proj.weight.dtype == torch.float32
 
 
 SYNC_PRONE_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "masked_scatter", "item", "_unique2",
@@ -269,7 +298,9 @@ def test_gpu_cuda_graph_loop_equals_reference_loop(autocast, cfg):
             graphed = sample_tokens_fast(model, 4, 8, cfg, labels=labels, cuda_graphs=True,
                                          generator=torch.Generator("cuda").manual_seed(seed))
             assert torch.equal(graphed, reference), f"max difference {(graphed - reference).abs().max().item()}"
-        assert len(step_graphs_for(model, 4, cfg != 1.0).graphs) == 8
+        graphs = step_graphs_for(model, 4, cfg != 1.0)
+        assert len(graphs.graphs) == 8
+        assert all(w.dtype == torch.bfloat16 for w in graphs.low_weights.values()) and bool(graphs.low_weights) == autocast
 
 
 @pytest.mark.gpu
@@ -284,6 +315,10 @@ def test_gpu_cuda_graph_cache_follows_configuration_and_parameters():
         assert step_graphs_for(model, 4, True) is not graphs
     graphs = step_graphs_for(model, 4, True)
     model.z_proj.weight.data = model.z_proj.weight.data.clone()  # new storage: the old graphs are stale
+    assert step_graphs_for(model, 4, True) is not graphs
+    graphs = step_graphs_for(model, 4, True)
+    with torch.no_grad():
+        model.decoder_blocks[0].mlp.fc1.weight.mul_(1.5)  # in place: stale weight copies under autocast
     assert step_graphs_for(model, 4, True) is not graphs
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
