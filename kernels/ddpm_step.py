@@ -23,10 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .linear_fused import (SKINNY_MAX_ROWS, STATS_CHUNK, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
+from .linear_fused import (SKINNY_MAX_ROWS, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
                            _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive, _split_k_store,
                            _split_k_total, _tuned_config, check_split_k, dot_precision, gpu_configs, interpreting,
-                           programmatic_launch, split_k_range, split_length, split_parts, wait_for_previous_grid)
+                           programmatic_launch, split_k_range, split_length, split_parts, stats_chunk,
+                           wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
 SPLIT_K_PARTS = (4, 16)  # K-split candidates at few rows (each capped by the width's K steps)
@@ -55,6 +56,20 @@ def _final_layer_ddpm_step_kernel(
     uncond_rows = cond_rows + uncond_row_offset
     channel = tl.arange(0, BLOCK_C)
     channel_ok = channel < channels
+    # the update's inputs, loaded (in every program) before the K loop, whose time hides their latency
+    rows64 = cond_rows.to(tl.int64)[:, None]
+    tile_mask = row_ok[:, None] & channel_ok[None, :]
+    bias_eps = tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    bias_v = tl.load(bias_ptr + channels + channel, mask=channel_ok, other=0.0).to(tl.float32)
+    x_t = tl.load(state_ptr + rows64 * stride_xm + channel[None, :], mask=tile_mask, other=0.0)
+    if USE_CFG:
+        cfg = tl.load(scalars_ptr)
+    if ADD_NOISE:
+        temperature = tl.load(scalars_ptr + 1)
+        noise = tl.load(noise_ptr + rows64 * stride_nm + channel[None, :], mask=tile_mask, other=0.0)
+    if CLIP_X0:
+        clip_lo = tl.load(scalars_ptr + 2)
+        clip_hi = tl.load(scalars_ptr + 3)
 
     mean_c, rstd_c = _row_layernorm_stats(stats_ptr, stride_stats_m, cond_rows, row_ok, width, ln_eps,
                                           BLOCK_M, STATS_GROUP, STATS_CHUNK)
@@ -93,31 +108,23 @@ def _final_layer_ddpm_step_kernel(
         if USE_CFG:
             eps_u = _split_k_total(partials_ptr, first + 2 * SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_C)
         tl.atomic_xchg(counters_ptr + pid, 0, mask=last, sem="relaxed")
-        row_ok = cond_rows < rows * last.to(tl.int32)  # only the last program reads the state and writes
+        row_ok = cond_rows < rows * last.to(tl.int32)  # only the last program writes
 
-    bias_eps = tl.load(bias_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)
-    bias_v = tl.load(bias_ptr + channels + channel, mask=channel_ok, other=0.0).to(tl.float32)
     eps = eps_c + bias_eps[None, :]
     if USE_CFG:
-        cfg = tl.load(scalars_ptr)
         eps_uncond = eps_u + bias_eps[None, :]
         eps = eps_uncond + cfg * (eps - eps_uncond)
     v = v_c + bias_v[None, :]
 
-    rows64 = cond_rows.to(tl.int64)[:, None]
-    mask = row_ok[:, None] & channel_ok[None, :]
-    x_t = tl.load(state_ptr + rows64 * stride_xm + channel[None, :], mask=mask, other=0.0)
     frac = (v + 1.0) * 0.5
     log_var = frac * log_beta + (1.0 - frac) * posterior_log_variance_clipped
     x0 = sqrt_recip_alphas_cumprod * x_t - sqrt_recipm1_alphas_cumprod * eps
     if CLIP_X0:
-        x0 = tl.minimum(tl.maximum(x0, tl.load(scalars_ptr + 2)), tl.load(scalars_ptr + 3))
+        x0 = tl.minimum(tl.maximum(x0, clip_lo), clip_hi)
     x_prev = posterior_mean_coef1 * x0 + posterior_mean_coef2 * x_t
     if ADD_NOISE:
-        temperature = tl.load(scalars_ptr + 1)
-        noise = tl.load(noise_ptr + rows64 * stride_nm + channel[None, :], mask=mask, other=0.0)
         x_prev += tl.exp(0.5 * log_var) * noise * temperature
-    tl.store(out_ptr + rows64 * stride_om + channel[None, :], x_prev, mask=mask)
+    tl.store(out_ptr + rows64 * stride_om + channel[None, :], x_prev, mask=row_ok[:, None] & channel_ok[None, :])
 
 
 def step_coefficients(diffusion, step):
@@ -222,8 +229,8 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
             **coefficients, ln_eps=float(ln_eps),
             USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, SPLIT_K=split, num_warps=warps, num_stages=2,
-            **programmatic_launch(device))
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(width, block_m), SPLIT_K=split, num_warps=warps,
+            num_stages=2, **programmatic_launch(device))
 
     candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device), split_k is not None)
     key = ("final_layer_ddpm_step", rows, net_rows, width, channels, weight.dtype, bool(use_cfg), bool(add_noise),

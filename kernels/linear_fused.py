@@ -26,7 +26,9 @@ MARFAST_PDL=0): the kernel is launched with `launch_pdl` and starts with `wait_f
 so its blocks can be scheduled while the previous kernel on the stream drains (hiding the launch
 gap between the ~14 kernels of each DDPM step) and touch memory only once that kernel is done. At
 up to SKINNY_MAX_ROWS rows the blocks first ask L2 for their weight slab (PREFETCH_K > 0), so
-the weight stream of a skinny GEMM overlaps the tail of the kernel before it.
+the weight stream of a skinny GEMM overlaps the tail of the kernel before it, and they load their
+epilogue operands (bias, gate, residual tiles) right after the wait (PRELOAD_EPILOGUE): a skinny
+GEMM is a chain of memory round trips, and the epilogue's would otherwise follow the K loop's.
 
 split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
 output tile, each over a part of K; each stores its fp32 partial tile, and the last to arrive (an
@@ -49,7 +51,8 @@ import triton
 import triton.language as tl
 
 STATS_GROUP = 32
-STATS_CHUNK = 16
+MAX_STATS_CHUNK = 64  # statistics groups read per load: rows up to 2048 wide are read in one
+STATS_TILE_ELEMENTS = 1024  # at most this many groups x rows per load (more spills registers on sm_90)
 GROUP_M = 8
 
 PROLOGUE_NONE = 0
@@ -98,18 +101,14 @@ def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
     """Row mean and 1/sqrt(var + eps) [BLOCK_M] from per-group (mean, M2) statistics.
 
     stats: fp32 [rows, cdiv(width, STATS_GROUP), 2]; group g holds min(STATS_GROUP, width - g*G)
-    columns. Two passes over the (small) statistics: the mean first, then the centred M2 sum.
+    columns. One load of (mean, M2) per STATS_CHUNK groups (`stats_chunk(width)`: one for the whole
+    row at the head's widths, so the kernel waits for one round trip): each chunk's mean and
+    centred M2 sum come from its groups in registers, and chunks merge by Chan's formula.
     """
     num_groups = tl.cdiv(width, STATS_GROUP)
     row_base = stats_ptr + rows.to(tl.int64)[:, None] * stride_stats_m
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for g0 in range(0, num_groups, STATS_CHUNK):
-        groups = g0 + tl.arange(0, STATS_CHUNK)
-        counts = tl.minimum(tl.maximum(width - groups * STATS_GROUP, 0), STATS_GROUP).to(tl.float32)
-        ok = row_ok[:, None] & (groups < num_groups)[None, :]
-        group_mean = tl.load(row_base + groups[None, :] * 2, mask=ok, other=0.0)
-        total += tl.sum(group_mean * counts[None, :], axis=1)
-    mean = total / width
+    n = 0.0
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for g0 in range(0, num_groups, STATS_CHUNK):
         groups = g0 + tl.arange(0, STATS_CHUNK)
@@ -117,8 +116,15 @@ def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
         ok = row_ok[:, None] & (groups < num_groups)[None, :]
         group_mean = tl.load(row_base + groups[None, :] * 2, mask=ok, other=0.0)
         group_m2 = tl.load(row_base + groups[None, :] * 2 + 1, mask=ok, other=0.0)
-        delta = group_mean - mean[:, None]
-        m2 += tl.sum(tl.where(ok, group_m2 + counts[None, :] * delta * delta, 0.0), axis=1)
+        chunk_n = tl.sum(counts, axis=0)
+        chunk_mean = tl.sum(group_mean * counts[None, :], axis=1) / chunk_n
+        delta = group_mean - chunk_mean[:, None]
+        chunk_m2 = tl.sum(tl.where(ok, group_m2 + counts[None, :] * delta * delta, 0.0), axis=1)
+        merged_n = n + chunk_n
+        shift = chunk_mean - mean
+        mean += shift * (chunk_n / merged_n)
+        m2 += chunk_m2 + shift * shift * (n * chunk_n / merged_n)
+        n = merged_n
     rstd = tl.rsqrt(m2 / width + eps)
     return mean, rstd
 
@@ -204,6 +210,22 @@ def _gated_residual_stats_kernel(h_ptr, gate_ptr, residual_ptr, out_ptr, stats_p
     y = residual + gate * h
     tl.store(out_ptr + rows64 * stride_om + cols[None, :], y, mask=mask)
     _store_group_stats(y, rows, row_ok, n0, N, stats_ptr, stride_stats_m, BLOCK_M, BLOCK_N, STATS_GROUP)
+
+
+@triton.jit
+def _epilogue_operands(bias_ptr, gate_ptr, residual_ptr, rows, row_ok, cols, col_ok, stride_mod_m, stride_rm,
+                       GATED: tl.constexpr):
+    """The epilogue's fp32 inputs: bias [BLOCK_N] and, when GATED, the gate and residual tiles
+    [BLOCK_M, BLOCK_N] (zero outside the mask; 0.0 placeholders otherwise)."""
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    gate = 0.0
+    residual = 0.0
+    if GATED:
+        rows64 = rows.to(tl.int64)[:, None]
+        mask = row_ok[:, None] & col_ok[None, :]
+        gate = tl.load(gate_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(residual_ptr + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return bias, gate, residual
 
 
 @triton.jit
@@ -307,7 +329,7 @@ def _linear_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_K: tl.constexpr,
+    PREFETCH_K: tl.constexpr, PRELOAD_EPILOGUE: tl.constexpr,
 ):
     """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
 
@@ -315,7 +337,8 @@ def _linear_fused_kernel(
     both halves); A, out, residual and the modulation views have unit column stride. SPLIT_K > 1:
     SPLIT_K consecutive programs share one output tile, each over k_split_len of K (a multiple
     of BLOCK_K); the last to finish sums their partial tiles (`_split_k_sum`) and applies the
-    epilogue, the others store nothing.
+    epilogue, the others store nothing. PRELOAD_EPILOGUE (small tiles) loads the epilogue's
+    operands right after the grid dependency wait, in every program, instead of after the K loop.
     """
     # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
     pid, split, k_begin, k_end = split_k_range(tl.program_id(0), K, k_split_len, SPLIT_K)
@@ -336,6 +359,9 @@ def _linear_fused_kernel(
     if PREFETCH_K > 0:  # the weights are never written by the previous kernel: fetch them while it drains
         _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk, stride_wn, BLOCK_K, PREFETCH_K)
     wait_for_previous_grid(PDL)
+    if PRELOAD_EPILOGUE:  # issued before the K loop: their latency hides behind it instead of following it
+        bias, gate, residual = _epilogue_operands(bias_ptr, gate_ptr, residual_ptr, rows, row_ok, cols, col_ok,
+                                                  stride_mod_m, stride_rm, EPILOGUE == 2)
     if PROLOGUE != 0:
         mean, rstd = _row_layernorm_stats(stats_in_ptr, stride_stats_in_m, rows, row_ok, K, ln_eps,
                                           BLOCK_M, STATS_GROUP, STATS_CHUNK)
@@ -356,8 +382,10 @@ def _linear_fused_kernel(
     if SPLIT_K > 1:
         acc, last = _split_k_sum(acc, partials_ptr, counters_ptr, pid, split, SPLIT_K, BLOCK_M, BLOCK_N)
         row_ok = rows < M * last.to(tl.int32)  # no rows outside the last program: the others store nothing
+    if not PRELOAD_EPILOGUE:
+        bias, gate, residual = _epilogue_operands(bias_ptr, gate_ptr, residual_ptr, rows, row_ok, cols, col_ok,
+                                                  stride_mod_m, stride_rm, EPILOGUE == 2)
 
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = acc + bias[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -366,8 +394,6 @@ def _linear_fused_kernel(
     if EPILOGUE == 3:
         y = 0.5 * y * (1.0 + tl.erf(y * 0.7071067811865476))
     if EPILOGUE == 2:
-        gate = tl.load(gate_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        residual = tl.load(residual_ptr + rows64 * stride_rm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         y = residual + gate * y
     tl.store(out_ptr + rows64 * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_STATS:
@@ -404,6 +430,12 @@ def dot_precision(weight_dtype):
     if weight_dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def stats_chunk(width, block_m):
+    """STATS_CHUNK for block_m rows `width` wide: all their statistics groups (a power of two), at
+    most MAX_STATS_CHUNK and STATS_TILE_ELEMENTS / block_m."""
+    return max(1, min(_pow2(triton.cdiv(width, STATS_GROUP)), MAX_STATS_CHUNK, STATS_TILE_ELEMENTS // block_m))
 
 
 def stats_shape(rows, width):
@@ -656,7 +688,7 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
         stride_stats_out_m=0 if stats_out is None else stats_out.stride(0),
         ln_eps=float(ln_eps),
         PROLOGUE=prologue, EPILOGUE=epilogue, WRITE_STATS=stats_out is not None,
-        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_M, STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK,
+        DOT_PRECISION=dot_precision(weight.dtype), GROUP_M=GROUP_M, STATS_GROUP=STATS_GROUP,
         **programmatic_launch(out.device),
     )
     if M == 0 or N == 0:
@@ -673,7 +705,8 @@ def _launch(a, weight, bias, out, *, a_row_period=None, prologue=PROLOGUE_NONE, 
             **args, partials_ptr=split_k.partials if split > 1 else dummy,
             counters_ptr=split_k.counters if split > 1 else dummy, k_split_len=k_split_len,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, PREFETCH_K=prefetch_k,
-            num_warps=warps, num_stages=stages)
+            STATS_CHUNK=stats_chunk(K, block_m), PRELOAD_EPILOGUE=M <= SKINNY_MAX_ROWS, num_warps=warps,
+            num_stages=stages)
 
     gpu = gpu_configs(out.device)
     configs = _candidate_configs(M, N, K, weight.element_size(), gpu,
@@ -778,7 +811,7 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
             residual, stats, residual if ln_weight is None else ln_weight, residual if ln_bias is None else ln_bias,
             shift, scale, buffer, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), buffer.stride(0),
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=STATS_CHUNK, num_warps=4, **programmatic_launch(device))
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(k, block_m), num_warps=4, **programmatic_launch(device))
         return buffer
 
     def two_pass():

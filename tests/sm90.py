@@ -68,7 +68,8 @@ def compile_for_h100(launches):
     """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
     name, constants, num_warps, num_stages, launch_pdl, shared_bytes, registers, local_bytes, counts
     of PTX instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads
-    (ld.global.cg), l2_prefetches (and l2_prefetches_before_wait: those before the first
+    (ld.global.cg), loads_after_last_mma (global loads other than ld.global.cg after the last
+    matrix-multiply instruction: loads an epilogue waits for), l2_prefetches (and l2_prefetches_before_wait: those before the first
     griddepcontrol.wait), grid_dependency_waits, launch_dependents; and memory_before_wait: whether
     any global load, store, atomic or asynchronous copy (not a prefetch) precedes the first
     griddepcontrol.wait in the PTX."""
@@ -112,6 +113,8 @@ def _compile_all(launches):
         usage = _resource_usage(kernel.asm["cubin"], os.path.dirname(triton.__file__))
         ptx = kernel.asm["ptx"]
         before_wait = ptx.split("griddepcontrol.wait")[0]
+        mma_ends = [m.end() for m in re.finditer(r"\b(?:mma\.sync|wgmma\.mma_async)\b", ptx)]
+        after_mma = ptx[mma_ends[-1]:] if mma_ends else ""
         results.append({"name": launch["name"],
                         "constants": {jit.arg_names[path[0]]: value for path, value in constexprs.items()},
                         "num_warps": options.num_warps, "num_stages": options.num_stages,
@@ -122,6 +125,7 @@ def _compile_all(launches):
                         "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx)),
                         "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
                         "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx)),
+                        "loads_after_last_mma": len(re.findall(r"\bld\.global(?!\.cg\b)", after_mma)),
                         "l2_prefetches": len(re.findall(r"\bprefetch\.global\.L2", ptx)),
                         "l2_prefetches_before_wait": len(re.findall(r"\bprefetch\.global\.L2", before_wait)),
                         "grid_dependency_waits": len(re.findall(r"\bgriddepcontrol\.wait\b", ptx)),

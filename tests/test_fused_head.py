@@ -149,6 +149,15 @@ def test_linear_ln_modulate_silu_matches_float64(rows, width, n, affine, two_pas
     assert_close64(out, F.silu(h @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("max_chunk", [1, 2])
+@pytest.mark.parametrize("two_pass", [False, True], ids=["prologue", "two_pass"])
+def test_layernorm_statistics_merge_chunks(max_chunk, two_pass, monkeypatch):
+    """Rows whose statistics groups are read in several chunks (72 columns: groups of 32, 32 and 8;
+    at most 1 or 2 groups per chunk), merged by Chan's formula, on a mean far from zero."""
+    monkeypatch.setattr(linear_fused, "MAX_STATS_CHUNK", max_chunk)
+    test_linear_ln_modulate_silu_matches_float64(7, 72, 40, True, two_pass, monkeypatch)
+
+
 def fake_gpu_timings(monkeypatch, choice_tables, faster, way_of):
     """The launchers' GPU configurations under the interpreter, with faked timings: a timed run takes
     1 ms when way_of(the kernel names it launched) is `faster`, else 2 ms. Empties the tuner's and

@@ -52,7 +52,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     into the GEMM prologue; also split along K at few rows; at many rows also the gated-residual
     pass after a cuBLAS GEMM), the final layer with the DDPM step (its width split over several
     programs at few rows); every tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel before its first global
-    memory access."""
+    memory access. The final layer, and at few rows the GEMMs, load their epilogue operands before
+    the K loop (no global load but the split-K partials follows the last matrix multiply)."""
     head = base_head()
     pack = packed_head(head.net)
     pack.modulation_provider = "triton"
@@ -77,11 +78,15 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
         assert (kernel["l2_prefetches_before_wait"] > 0) == prefetching, kernel["constants"]
         assert (kernel["l2_prefetches"] > 0) == prefetching, kernel["constants"]
     assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == (state_rows == 4)
+    for kernel in gemms:  # skinny GEMMs load their epilogue operands before the K loop, larger ones after it
+        assert kernel["constants"]["PRELOAD_EPILOGUE"] == (state_rows == 4), kernel["constants"]
+        assert (kernel["loads_after_last_mma"] == 0) == (state_rows == 4), kernel["constants"]
     final = [k for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"]
     split_final = [k for k in final if k["constants"]["SPLIT_K"] > 1]
     assert bool(split_final) == (state_rows == 4), "the final layer splits the width at few rows only"
     for kernel in split_final:  # one arrival per program, partials read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
+    assert all(k["loads_after_last_mma"] == 0 for k in final), "the DDPM update's inputs are loaded before the K loop"
     final_blocks = {k["constants"]["BLOCK_M"] for k in final}
     if state_rows == 2048:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
         assert {16, 32, 64} <= final_blocks, final_blocks
