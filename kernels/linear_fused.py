@@ -152,23 +152,43 @@ def _store_group_stats(y, rows, row_ok, n0, width, stats_ptr, stride_stats_m,
 
 
 @triton.jit
-def _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd,
-                      ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr, stride_mod_m, AFFINE: tl.constexpr):
-    """fp32 tile ((x - mean) * rstd [* w + b]) * (1 + scale) + shift, zero outside the mask.
-
-    x: fp32 [rows, width] residual stream; shift/scale: per-row views (row stride stride_mod_m).
-    """
+def _ln_modulate_inputs(x_ptr, stride_xm, rows, row_ok, cols, col_ok, ln_weight_ptr, ln_bias_ptr, shift_ptr,
+                        scale_ptr, stride_mod_m, AFFINE: tl.constexpr):
+    """The fp32 inputs of an LN-modulate tile: x, shift, scale [BLOCK_M, BLOCK_K] (zero outside
+    the mask) and, when AFFINE, the LayerNorm's weight and bias [BLOCK_K] (0.0 placeholders
+    otherwise). x: fp32 [rows, width] residual stream; shift/scale: per-row views (row stride
+    stride_mod_m)."""
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    normed = (x - mean[:, None]) * rstd[:, None]
+    ln_weight = 0.0
+    ln_bias = 0.0
     if AFFINE:
         ln_weight = tl.load(ln_weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         ln_bias = tl.load(ln_bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        normed = normed * ln_weight[None, :] + ln_bias[None, :]
     shift = tl.load(shift_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + rows64 * stride_mod_m + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x, shift, scale, ln_weight, ln_bias
+
+
+@triton.jit
+def _ln_modulate_apply(x, shift, scale, ln_weight, ln_bias, mean, rstd, mask, AFFINE: tl.constexpr):
+    """fp32 tile ((x - mean) * rstd [* w + b]) * (1 + scale) + shift, zero outside the mask."""
+    normed = (x - mean[:, None]) * rstd[:, None]
+    if AFFINE:
+        normed = normed * ln_weight[None, :] + ln_bias[None, :]
     return tl.where(mask, normed * (1.0 + scale) + shift, 0.0)
+
+
+@triton.jit
+def _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd,
+                      ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr, stride_mod_m, AFFINE: tl.constexpr):
+    """`_ln_modulate_apply` of `_ln_modulate_inputs` (see both)."""
+    x, shift, scale, ln_weight, ln_bias = _ln_modulate_inputs(x_ptr, stride_xm, rows, row_ok, cols, col_ok,
+                                                              ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
+                                                              stride_mod_m, AFFINE)
+    return _ln_modulate_apply(x, shift, scale, ln_weight, ln_bias, mean, rstd, row_ok[:, None] & col_ok[None, :],
+                              AFFINE)
 
 
 @triton.jit
@@ -176,18 +196,22 @@ def _ln_modulate_kernel(x_ptr, stats_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr,
                         M, K, stride_xm, stride_stats_m, stride_mod_m, stride_om, ln_eps,
                         AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                         STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, PDL: tl.constexpr):
-    """out[M, K] = the LN_MODULATE prologue of A, stored once in out's dtype (the weight dtype)."""
+    """out[M, K] = the LN_MODULATE prologue of A, stored once in out's dtype (the weight dtype). The
+    tile's loads are issued before the statistics' (they do not depend on them): one round trip."""
     wait_for_previous_grid(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
+    x, shift, scale, ln_weight, ln_bias = _ln_modulate_inputs(x_ptr, stride_xm, rows, row_ok, cols, col_ok,
+                                                              ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
+                                                              stride_mod_m, AFFINE)
     mean, rstd = _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, K, ln_eps,
                                       BLOCK_M, STATS_GROUP, STATS_CHUNK)
-    h = _ln_modulate_tile(x_ptr, stride_xm, rows, row_ok, cols, col_ok, mean, rstd, ln_weight_ptr, ln_bias_ptr,
-                          shift_ptr, scale_ptr, stride_mod_m, AFFINE)
+    mask = row_ok[:, None] & col_ok[None, :]
+    h = _ln_modulate_apply(x, shift, scale, ln_weight, ln_bias, mean, rstd, mask, AFFINE)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], h.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+             mask=mask)
 
 
 @triton.jit
@@ -811,7 +835,8 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
             residual, stats, residual if ln_weight is None else ln_weight, residual if ln_bias is None else ln_bias,
             shift, scale, buffer, rows, k, residual.stride(0), stats.stride(0), shift.stride(0), buffer.stride(0),
             float(ln_eps), AFFINE=ln_weight is not None, BLOCK_M=block_m, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(k, block_m), num_warps=4, **programmatic_launch(device))
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(k, block_m),
+            num_warps=8, **programmatic_launch(device))  # the tile and the statistics are in flight together
         return buffer
 
     def two_pass():
