@@ -30,9 +30,10 @@ the weight stream of a skinny GEMM overlaps the tail of the kernel before it, an
 epilogue operands (bias, gate, residual tiles) right after the wait (PRELOAD_EPILOGUE): a skinny
 GEMM is a chain of memory round trips, and the epilogue's would otherwise follow the K loop's.
 
-split K (SPLIT_K > 1, for skinny GEMMs given a `SplitKWorkspace`): SPLIT_K programs share an
-output tile, each over a part of K; each stores its fp32 partial tile, and the last to arrive (an
-arrival counter per tile, release-acquire) sums the partials in split order and runs the epilogue.
+split K (SPLIT_K > 1, for GEMMs of few output tiles given a `SplitKWorkspace`): SPLIT_K programs
+share an output tile, each over a part of K; each stores its fp32 partial tile, and the last to
+arrive (an arrival counter per tile, release-acquire) sums the partials in split order and runs
+the epilogue.
 No program waits for another, so the Triton interpreter (programs one after another) runs it too.
 
 Launchers (the model layer calls only these): `linear`, `linear_gelu`, `input_projection`,
@@ -90,8 +91,9 @@ PDL_ENV = "MARFAST_PDL"
 # Triton releases before grid dependency control (gdc_wait) launch without PDL.
 HAS_GRID_DEPENDENCY_CONTROL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 # GEMMs of at most this many rows are weight-streaming bound (a few output tiles walk all of K):
-# they also try K splits, and with PDL they prefetch their weight slab into L2 before the grid
-# dependency wait, i.e. while the previous kernel still runs.
+# with PDL they prefetch their weight slab into L2 before the grid dependency wait, i.e. while the
+# previous kernel still runs, and they load their epilogue operands before the K loop. (K splits
+# are tried by output-tile count, `_with_split_k`.)
 SKINNY_MAX_ROWS = 64
 
 
@@ -651,17 +653,18 @@ def check_split_k(split_k, device):
 
 def _with_split_k(configs, M, N, K, gpu, has_workspace):
     """Each configuration as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K): unsplit,
-    and (with a split-K workspace, on a GPU, for at most SKINNY_MAX_ROWS rows, all but the
-    fallback) also split along K into enough parts that about SPLIT_K_PROGRAMS programs run. A
-    skinny GEMM has few output tiles (32 for N = 1024 in 32-column tiles): split, more SMs stream
-    its weights, each over fewer K steps; the tuner keeps whichever runs faster.
+    and (with a split-K workspace, on a GPU, all but the fallback) where it has fewer than
+    SPLIT_K_PROGRAMS output tiles also split along K into enough parts that about
+    SPLIT_K_PROGRAMS programs run. A GEMM of few rows has few output tiles (32 for N = 1024 in
+    32-column tiles at up to 64 rows, or in 64 x 64 tiles at 128 rows): split, more SMs stream its
+    weights, each over fewer K steps; the tuner keeps whichever runs faster.
     """
     *tuned, fallback = configs
     out = []
     for bm, bn, bk, warps, stages in tuned:
         out.append((bm, bn, bk, warps, stages, 1))
-        if gpu and has_workspace and M <= SKINNY_MAX_ROWS:
-            tiles, k_steps = triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, bk)
+        tiles, k_steps = triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, bk)
+        if gpu and has_workspace and tiles < SPLIT_K_PROGRAMS:
             split = split_parts(k_steps, triton.cdiv(SPLIT_K_PROGRAMS, tiles))
             if split > 1:
                 out.append((bm, bn, bk, warps, stages, split))
@@ -805,8 +808,8 @@ def linear_ln_modulate_silu(residual, stats, ln_weight, ln_bias, shift, scale, w
     residual: fp32 [M, K] with its group statistics `stats` (stats_shape(M, K)); ln_weight,
     ln_bias: float [K] (both None for a parameter-free LayerNorm); shift, scale: [M, K] views
     sharing one row stride (the adaLN modulation buffer); weight [N, K]; out [M, N]. split_k:
-    a `SplitKWorkspace` lets the tuner also try K-split configurations (at most SKINNY_MAX_ROWS
-    rows, on CUDA). The LN-modulate runs in the GEMM's prologue or as its own pass before a plain
+    a `SplitKWorkspace` lets the tuner also try K-split configurations (for fewer output tiles
+    than SPLIT_K_PROGRAMS, on CUDA). The LN-modulate runs in the GEMM's prologue or as its own pass before a plain
     GEMM (above PROLOGUE_MAX_ROWS; at fewer rows on CUDA whichever is timed faster); above
     PROLOGUE_MAX_ROWS on CUDA that GEMM is the Triton one (bias + SiLU epilogue) or cuBLAS followed
     by an in-place SiLU, whichever is timed faster (the latter needs out in the weight dtype).

@@ -20,9 +20,10 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    group statistics;
 3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +
    SiLU epilogue) and `linear_gated_residual` (bias + gate * h + residual epilogue, which also
-   writes the next LayerNorm's group statistics); at up to 64 rows their tuner also tries K-split
-   configurations (the workspace's `SplitKWorkspace`): a [R, W] x [W, W] GEMM has only W / 32
-   output tiles, too few to stream its weights from every SM; above 64 rows each is also timed as
+   writes the next LayerNorm's group statistics); where a GEMM has fewer than 128 output tiles
+   (up to a few hundred rows) their tuner also tries K-split configurations (the workspace's
+   `SplitKWorkspace`): a [R, W] x [W, W] GEMM has only W / 32 output tiles at up to 64 rows, too
+   few to stream its weights from every SM; above 64 rows each is also timed as
    a cuBLAS GEMM followed by its epilogue as a separate pass (the product then rounded to the
    weight dtype, as the official bf16 head rounds it), and the faster way is kept;
 4. `final_layer_ddpm_step` (Triton): final LayerNorm + modulate + linear, CFG eps mixing,

@@ -286,7 +286,7 @@ def force_split_k(monkeypatch, block_m=16, block_n=32, block_k=16, split=3):
     monkeypatch.setattr(ddpm_step, "_candidate_block_sizes", final_configs)
 
 
-@pytest.mark.parametrize("rows,k,width,split", [(7, 72, 40, 3), (33, 40, 72, 2), (1, 72, 40, 5)])
+@pytest.mark.parametrize("rows,k,width,split", [(7, 72, 40, 3), (33, 40, 72, 2), (1, 72, 40, 5), (70, 72, 40, 3)])
 def test_split_k_gemms_match_float64_and_are_deterministic(rows, k, width, split, monkeypatch):
     """K split over `split` programs per output tile (K = 72 in 16-deep steps: parts of 32, 32, 8
     for split 3); the last program to arrive sums the partial tiles in split order, so reruns are
@@ -317,6 +317,20 @@ def test_split_k_gemms_match_float64_and_are_deterministic(rows, k, width, split
                         ln_w.double(), ln_b.double())
     assert_close64(out, F.silu(h64 @ w.double().T + b.double()), rtol=1e-4, atol=1e-4)
     assert not workspace.counters.any()
+
+
+def test_split_k_candidates_follow_the_output_tile_count():
+    """K splits are tried (on a GPU, with a workspace) wherever a GEMM has fewer than
+    SPLIT_K_PROGRAMS output tiles, whatever its row count, for about that many programs."""
+    def splits(M, N=1024, K=1024, gpu=True, workspace=True):
+        configs = linear_fused._candidate_configs(M, N, K, 2, gpu)
+        return {(c[0], c[1], c[5]) for c in linear_fused._with_split_k(configs, M, N, K, gpu, workspace) if c[5] > 1}
+
+    assert splits(8) == {(16, 32, 4), (16, 64, 8)}  # 32 and 16 tiles, K steps of 128 and 64
+    assert splits(128) == {(64, 64, 4), (64, 128, 8), (128, 128, 16)}  # 32, 16 and 8 tiles, 16 K steps
+    assert splits(512) == {(64, 128, 2), (128, 128, 4)}  # 64 and 32 tiles; 128 tiles of 64 x 64 run unsplit
+    assert splits(4096) == set() and splits(16, N=20480) == set()
+    assert splits(8, gpu=False) == set() and splits(8, workspace=False) == set()
 
 
 def test_fused_loop_with_split_k_gemms_matches_reference(monkeypatch):

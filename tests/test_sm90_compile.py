@@ -45,13 +45,14 @@ def check_waits_for_previous_grid(compiled):
         assert not kernel["memory_before_wait"], f"{where}: global memory accessed before griddepcontrol.wait"
 
 
-@pytest.mark.parametrize("state_rows", [4, 2048], ids=["few_rows", "many_rows"])
+@pytest.mark.parametrize("state_rows", [4, 100, 2048], ids=["few_rows", "mid_rows", "many_rows"])
 def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
     input projection, both block GEMMs (LN-modulate written once, and at few rows also fused
-    into the GEMM prologue; also split along K at few rows; at many rows also the gated-residual
-    pass after a cuBLAS GEMM), the final layer with the DDPM step (its width split over several
-    programs at few rows); every tuning candidate of each GEMM. Each is launched with PDL and waits for the previous kernel before its first global
+    into the GEMM prologue; also split along K where they have few output tiles, at few and mid
+    rows; above 64 rows also the gated-residual pass after a cuBLAS GEMM), the final layer with the
+    DDPM step (its width split over several programs at few rows); every tuning candidate of each
+    GEMM. Each is launched with PDL and waits for the previous kernel before its first global
     memory access. The final layer, and at few rows the GEMMs, load their epilogue operands before
     the K loop (no global load but the split-K partials follows the last matrix multiply)."""
     head = base_head()
@@ -69,7 +70,8 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     gemms = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
     assert gemms and all(k["async_copies"] > 0 for k in gemms), "GEMM weight loads must be pipelined (cp.async)"
     split = [k for k in gemms if k["constants"]["SPLIT_K"] > 1]
-    assert bool(split) == (state_rows == 4), "K-split candidates are tried for the block GEMMs at few rows only"
+    few, many = state_rows == 4, state_rows == 2048
+    assert bool(split) == (not many), "K-split candidates are tried for GEMMs of few output tiles only"
     for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
     check_waits_for_previous_grid(compiled)
@@ -77,21 +79,21 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
         prefetching = kernel["constants"]["PREFETCH_K"] > 0
         assert (kernel["l2_prefetches_before_wait"] > 0) == prefetching, kernel["constants"]
         assert (kernel["l2_prefetches"] > 0) == prefetching, kernel["constants"]
-    assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == (state_rows == 4)
+    assert any(k["constants"]["PREFETCH_K"] > 0 for k in gemms) == few
     for kernel in gemms:  # skinny GEMMs load their epilogue operands before the K loop, larger ones after it
-        assert kernel["constants"]["PRELOAD_EPILOGUE"] == (state_rows == 4), kernel["constants"]
-        assert (kernel["loads_after_last_mma"] == 0) == (state_rows == 4), kernel["constants"]
+        assert kernel["constants"]["PRELOAD_EPILOGUE"] == few, kernel["constants"]
+        assert (kernel["loads_after_last_mma"] == 0) == few, kernel["constants"]
     final = [k for k in compiled if k["name"] == "_final_layer_ddpm_step_kernel"]
     split_final = [k for k in final if k["constants"]["SPLIT_K"] > 1]
-    assert bool(split_final) == (state_rows == 4), "the final layer splits the width at few rows only"
+    assert bool(split_final) == few, "the final layer splits the width at few rows only"
     for kernel in split_final:  # one arrival per program, partials read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
     assert all(k["loads_after_last_mma"] == 0 for k in final), "the DDPM update's inputs are loaded before the K loop"
     final_blocks = {k["constants"]["BLOCK_M"] for k in final}
-    if state_rows == 2048:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
+    if many:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
         assert {16, 32, 64} <= final_blocks, final_blocks
     # above 64 rows the gated residual is also timed as a cuBLAS GEMM + this epilogue pass
-    assert ("_gated_residual_stats_kernel" in names) == (state_rows == 2048)
+    assert ("_gated_residual_stats_kernel" in names) == (not few)
 
 
 def test_fused_training_kernels_compile_for_h100(monkeypatch):
