@@ -103,8 +103,8 @@ def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
     """Row mean and 1/sqrt(var + eps) [BLOCK_M] from per-group (mean, M2) statistics.
 
     stats: fp32 [rows, cdiv(width, STATS_GROUP), 2]; group g holds min(STATS_GROUP, width - g*G)
-    columns. One load of (mean, M2) per STATS_CHUNK groups (`stats_chunk(width)`: one for the whole
-    row at the head's widths, so the kernel waits for one round trip): each chunk's mean and
+    columns. One load of (mean, M2) per STATS_CHUNK groups (`stats_chunk`: the whole row at the
+    head's widths at few rows, so the kernel waits for one round trip): each chunk's mean and
     centred M2 sum come from its groups in registers, and chunks merge by Chan's formula.
     """
     num_groups = tl.cdiv(width, STATS_GROUP)
@@ -123,9 +123,9 @@ def _row_layernorm_stats(stats_ptr, stride_stats_m, rows, row_ok, width, eps,
         delta = group_mean - chunk_mean[:, None]
         chunk_m2 = tl.sum(tl.where(ok, group_m2 + counts[None, :] * delta * delta, 0.0), axis=1)
         merged_n = n + chunk_n
-        shift = chunk_mean - mean
-        mean += shift * (chunk_n / merged_n)
-        m2 += chunk_m2 + shift * shift * (n * chunk_n / merged_n)
+        mean_gap = chunk_mean - mean
+        mean += mean_gap * (chunk_n / merged_n)
+        m2 += chunk_m2 + mean_gap * mean_gap * (n * chunk_n / merged_n)
         n = merged_n
     rstd = tl.rsqrt(m2 / width + eps)
     return mean, rstd
