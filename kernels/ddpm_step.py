@@ -71,10 +71,15 @@ def _final_layer_ddpm_step_kernel(
         clip_lo = tl.load(scalars_ptr + 2)
         clip_hi = tl.load(scalars_ptr + 3)
 
-    mean_c, rstd_c = _row_layernorm_stats(stats_ptr, stride_stats_m, cond_rows, row_ok, width, ln_eps,
-                                          BLOCK_M, STATS_GROUP, STATS_CHUNK)
-    if USE_CFG:
-        mean_u, rstd_u = _row_layernorm_stats(stats_ptr, stride_stats_m, uncond_rows, row_ok, width, ln_eps,
+    if USE_CFG:  # both rows of each pair in one read of the statistics (one round trip, not two)
+        pair = tl.arange(0, 2 * BLOCK_M)
+        pair_rows = pid * BLOCK_M + pair // 2
+        mean, rstd = _row_layernorm_stats(stats_ptr, stride_stats_m, pair_rows + (pair % 2) * uncond_row_offset,
+                                          pair_rows < rows, width, ln_eps, 2 * BLOCK_M, STATS_GROUP, STATS_CHUNK)
+        mean_c, mean_u = tl.split(tl.reshape(mean, [BLOCK_M, 2]))
+        rstd_c, rstd_u = tl.split(tl.reshape(rstd, [BLOCK_M, 2]))
+    else:
+        mean_c, rstd_c = _row_layernorm_stats(stats_ptr, stride_stats_m, cond_rows, row_ok, width, ln_eps,
                                               BLOCK_M, STATS_GROUP, STATS_CHUNK)
 
     eps_c = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
@@ -229,7 +234,7 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
             **coefficients, ln_eps=float(ln_eps),
             USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(width, block_m), SPLIT_K=split, num_warps=warps,
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(width, 2 * block_m if use_cfg else block_m), SPLIT_K=split, num_warps=warps,
             num_stages=2, **programmatic_launch(device))
 
     candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device), split_k is not None)
