@@ -26,22 +26,30 @@ Providers, side by side in one run (reference first):
 - marfast_fused: the fast sampling loop (`MAR.sample_tokens_fast` or `marfast.sampler.sample_tokens_fast`)
   with the head backend "auto" and the norm backend "auto" (on CUDA the fused add + LayerNorm,
   and fc1 + GELU as one Triton GEMM where timed faster),
-  skipped when no fast loop exists.
+  skipped when no fast loop exists;
+- marfast_fused_graphs (GPU, batch 16 or less, where the transformer steps' host work matters):
+  marfast_fused with MARFAST_CUDA_GRAPHS=1, the transformer steps replayed as CUDA graphs (captured
+  in the warm-up call).
 """
 import contextlib
+import os
 import time
+from unittest import mock
 
 import pytest
 import torch
 
 from marfast.mar import set_norm_backend
+from marfast.sampler import CUDA_GRAPHS_ENV_VAR
 
 from .harness import FUSED, REFERENCE, Work, mar_sampling_bytes, mar_sampling_flops_per_image
 from .models import (MAR_PRESET_BUILDERS, RELEASED_CFG, build_mar, fast_ar_steps, fused_head_absence,
                      reference_ar_steps)
 
 FUSED_HEAD = "marfast_fused_head"
+FUSED_GRAPHS = "marfast_fused_graphs"
 PROVIDERS = (REFERENCE, FUSED_HEAD, FUSED)
+GRAPHS_MAX_BATCH = 16
 ON_GPU = torch.cuda.is_available()
 
 GPU_MODELS = tuple(MAR_PRESET_BUILDERS)
@@ -63,7 +71,7 @@ def _cases():
         for name in GPU_MODELS:
             for batch in GPU_BATCHES:
                 marks = () if (name, batch, iters) in QUICK else (pytest.mark.bench_extended,)
-                for provider in PROVIDERS:
+                for provider in PROVIDERS + ((FUSED_GRAPHS,) if batch <= GRAPHS_MAX_BATCH else ()):
                     cases.append(pytest.param(name, batch, iters, provider, marks=marks,
                                               id=f"{name}-b{batch}-iters{iters}-{provider}"))
     return cases
@@ -189,22 +197,30 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
     else:
         backend = "auto"
         detail = "fast loop (MAR.sample_tokens_fast), DiffLoss backend 'auto', norm backend 'auto'"
+        if provider == FUSED_GRAPHS:
+            detail += f"; transformer steps replayed as CUDA graphs ({CUDA_GRAPHS_ENV_VAR}=1)"
         if steps is not None:
             detail += "; timed steps run through marfast.sampler.plan_steps + run_ar_loop"
+    fast = provider in (FUSED, FUSED_GRAPHS)
     model.diffloss.backend = backend
-    set_norm_backend(model, "auto" if provider == FUSED else "torch")
+    set_norm_backend(model, "auto" if fast else "torch")
+
+    def fast_loop_setting():
+        if provider == FUSED_GRAPHS:
+            return mock.patch.dict(os.environ, {CUDA_GRAPHS_ENV_VAR: "1"})
+        return contextlib.nullcontext()
 
     def sample_call(bsz=batch, iters=num_iter):
-        with autocast:
-            if provider == FUSED:
+        with autocast, fast_loop_setting():
+            if fast:
                 return model.sample_tokens_fast(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear",
                                                 labels=labels[:bsz], temperature=1.0)
             return model.sample_tokens(bsz=bsz, num_iter=iters, cfg=cfg, cfg_schedule="linear", labels=labels[:bsz],
                                        temperature=1.0)
 
     def steps_call(step_list=steps):
-        with autocast:
-            if provider == FUSED:
+        with autocast, fast_loop_setting():
+            if fast:
                 return fast_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, step_list)
             return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, step_list)
 
@@ -219,7 +235,7 @@ def test_mar_sample_tokens(benchmark, bench, name, batch, num_iter, provider):
                 return reference_ar_steps(model, batch, num_iter, cfg, "linear", labels, 1.0, steps)
         finally:
             model.diffloss.backend = previous
-            set_norm_backend(model, "auto" if provider == FUSED else "torch")
+            set_norm_backend(model, "auto" if fast else "torch")
 
     timed_steps = num_iter if steps is None else len(steps)
     flops_parts = mar_sampling_flops_per_image(model.config, num_iter, cfg_on=True, steps=steps)

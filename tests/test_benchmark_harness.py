@@ -284,3 +284,19 @@ def test_no_pdl_provider_sets_and_restores_the_pdl_switch(before, monkeypatch):
             assert programmatic_launch(torch.device("cuda")) == {"PDL": False, "launch_pdl": False}
             raise RuntimeError("inside")
     assert os.environ.get(PDL_ENV) == before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # bench_extended: registered by benchmarks/
+def test_mar_sampling_cases_time_cuda_graphs_at_small_batch_on_gpu(monkeypatch):
+    """On a GPU the MAR sampling matrix also times the fast loop with CUDA-graph transformer steps,
+    at batch 16 or less only; the CPU matrix (no CUDA graphs) does not."""
+    from benchmarks import test_bench_mar_sampling as mar_bench
+
+    def ids():
+        return {case.id for case in mar_bench._cases()}
+
+    assert not any(mar_bench.FUSED_GRAPHS in case_id for case_id in ids())
+    monkeypatch.setattr(mar_bench, "ON_GPU", True)
+    graphs = {case_id for case_id in ids() if case_id.endswith(mar_bench.FUSED_GRAPHS)}
+    assert "mar_base-b1-iters64-marfast_fused_graphs" in graphs and "mar_huge-b16-iters256-marfast_fused_graphs" in graphs
+    assert not any("-b256-" in case_id for case_id in graphs)
