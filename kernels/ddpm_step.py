@@ -234,8 +234,8 @@ def final_layer_ddpm_step(residual, stats, shift, scale, weight, bias, state, no
             **coefficients, ln_eps=float(ln_eps),
             USE_CFG=bool(use_cfg), ADD_NOISE=bool(add_noise), CLIP_X0=bool(clip_x0),
             DOT_PRECISION=dot_precision(weight.dtype), BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k,
-            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(width, 2 * block_m if use_cfg else block_m), SPLIT_K=split, num_warps=warps,
-            num_stages=2, **programmatic_launch(device))
+            STATS_GROUP=STATS_GROUP, STATS_CHUNK=stats_chunk(width, 2 * block_m if use_cfg else block_m),
+            SPLIT_K=split, num_warps=warps, num_stages=2, **programmatic_launch(device))
 
     candidates = _candidate_block_sizes(rows, width, channels, gpu_configs(device), split_k is not None)
     key = ("final_layer_ddpm_step", rows, net_rows, width, channels, weight.dtype, bool(use_cfg), bool(add_noise),

@@ -69,10 +69,10 @@ def compile_for_h100(launches):
     name, constants, num_warps, num_stages, launch_pdl, shared_bytes, registers, local_bytes, counts
     of PTX instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads
     (ld.global.cg), loads_after_last_mma (global loads other than ld.global.cg after the last
-    matrix-multiply instruction: loads an epilogue waits for), l2_prefetches (and l2_prefetches_before_wait: those before the first
-    griddepcontrol.wait), grid_dependency_waits, launch_dependents; and memory_before_wait: whether
-    any global load, store, atomic or asynchronous copy (not a prefetch) precedes the first
-    griddepcontrol.wait in the PTX."""
+    matrix-multiply instruction: loads an epilogue waits for), l2_prefetches (and
+    l2_prefetches_before_wait: those before the first griddepcontrol.wait), grid_dependency_waits,
+    launch_dependents; and memory_before_wait: whether any global load, store, atomic or
+    asynchronous copy (not a prefetch) precedes the first griddepcontrol.wait in the PTX."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
