@@ -24,9 +24,9 @@ import triton
 import triton.language as tl
 
 from .linear_fused import (SKINNY_MAX_ROWS, STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats,
-                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive, _split_k_store,
-                           _split_k_total, _tuned_config, check_split_k, dot_precision, gpu_configs, interpreting,
-                           programmatic_launch, split_k_range, split_length, split_parts, stats_chunk,
+                           _check_vector, _ln_modulate_tile, _row_layernorm_stats, _split_k_arrive, _split_k_reset,
+                           _split_k_store, _split_k_total, _tuned_config, check_split_k, dot_precision, gpu_configs,
+                           interpreting, programmatic_launch, split_k_range, split_length, split_parts, stats_chunk,
                            wait_for_previous_grid)
 
 SCALARS = ("cfg", "temperature", "clip_lo", "clip_hi")
@@ -112,7 +112,7 @@ def _final_layer_ddpm_step_kernel(
         v_c = _split_k_total(partials_ptr, first + SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_C)
         if USE_CFG:
             eps_u = _split_k_total(partials_ptr, first + 2 * SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_C)
-        tl.atomic_xchg(counters_ptr + pid, 0, mask=last, sem="relaxed")
+        _split_k_reset(counters_ptr, pid, last)
         row_ok = cond_rows < rows * last.to(tl.int32)  # only the last program writes
 
     eps = eps_c + bias_eps[None, :]

@@ -328,6 +328,12 @@ def _split_k_total(partials_ptr, first_slot, last, SPLIT_K: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _split_k_reset(counters_ptr, tile, last):
+    """In the last program: set `tile`'s arrival counter back to zero for the next launch."""
+    tl.atomic_xchg(counters_ptr + tile, 0, mask=last, sem="relaxed")
+
+
+@triton.jit
 def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
                  SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(sum of the SPLIT_K partial tiles of `tile`, True in the program that arrived last).
@@ -338,7 +344,7 @@ def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
     _split_k_store(acc, partials_ptr, tile * SPLIT_K + split, BLOCK_M, BLOCK_N)
     last = _split_k_arrive(counters_ptr, tile, SPLIT_K)
     total = _split_k_total(partials_ptr, tile * SPLIT_K, last, SPLIT_K, BLOCK_M, BLOCK_N)
-    tl.atomic_xchg(counters_ptr + tile, 0, mask=last, sem="relaxed")
+    _split_k_reset(counters_ptr, tile, last)
     return total, last
 
 

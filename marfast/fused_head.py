@@ -14,8 +14,8 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    enough steps that the GEMM has about `MODULATION_GEMM_ROWS` rows. The modulation weights are most
    of the head's weight bytes (20 of 32 W^2 at depth 6), and at a few rows a GEMM reads its weights
    in the same time whatever its row count up to a few hundred, so at 16 rows the loop streams them
-   once per 50 steps (two GEMMs for 100 steps) instead of once per step; at thousands of rows K = 1 (the GEMM is compute bound
-   either way, and the buffer stays one step's size);
+   once per 50 steps (two GEMMs for 100 steps) instead of once per step; at thousands of rows
+   K = 1 (the GEMM is compute bound either way, and the buffer stays one step's size);
 2. `input_projection` (Triton): residual = x_t @ W_in^T + b (fp32 [R, W]) plus its LayerNorm
    group statistics;
 3. per block, two Triton GEMMs: `linear_ln_modulate_silu` (LayerNorm + modulate prologue, bias +

@@ -145,14 +145,15 @@ class StepGraphs:
 
     Static input buffers `tokens` [B, L, Ct], `orders` long [B, L] and `class_embedding` [B', D]
     are read by every replay. One graph per step shape (masked_before, predict_from) is captured
-    by `capture` (which runs each step once eagerly first and synchronises: call it before the loop); all graphs share one memory pool,
-    which is safe in any replay order because each replay's outputs are consumed before the next
-    replay. It keeps no reference to the model (it is cached in a WeakKeyDictionary keyed by the
-    model). Autocast is re-entered with its weight-cast cache off during capture, as CUDA graphs
-    require; so that the graphs do not cast every Linear weight at every replay, the float32
-    weights of the step's Linear layers are held as copies in autocast's dtype (bf16/fp16:
-    `step_linear_weights`, half the transformer's fp32 size in extra memory) and the steps run on
-    them. Autocast would compute the same casts, so the results do not change.
+    by `capture` (which runs each step once eagerly first and synchronises: call it before the
+    loop); all graphs share one memory pool, which is safe in any replay order because each
+    replay's outputs are consumed before the next replay. It keeps no reference to the model (it
+    is cached in a WeakKeyDictionary keyed by the model). Autocast is re-entered with its
+    weight-cast cache off during capture, as CUDA graphs require; so that the graphs do not cast
+    every Linear weight at every replay, the float32 weights of the step's Linear layers are held
+    as copies in autocast's dtype (bf16/fp16: `step_linear_weights`, half the transformer's fp32
+    size in extra memory) and the steps run on them. Autocast would compute the same casts, so
+    the results do not change.
     """
 
     def __init__(self, model, bsz, use_cfg):

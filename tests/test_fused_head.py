@@ -855,8 +855,9 @@ def test_gpu_split_final_layer_matches_unsplit_and_reruns_bitwise(split, monkeyp
 @pytest.mark.parametrize("state_rows", [4, 300])
 def test_gpu_programmatic_launch_changes_no_result(state_rows, monkeypatch):
     """mar_base's head in bf16: the loop launched with PDL (the default on sm_90+; at 4 rows its
-    GEMMs also prefetch their weights into L2 before the wait) equals the loop without it bitwise, eagerly and in 20 graph replays (a kernel reading its predecessor's
-    output before the grid dependency wait would show up as a difference)."""
+    GEMMs also prefetch their weights into L2 before the wait) equals the loop without it bitwise,
+    eagerly and in 20 graph replays (a kernel reading its predecessor's output before the grid
+    dependency wait would show up as a difference)."""
     depth, width, z_channels = RELEASED_HEADS["mar_base"]
     net = make_net(width, depth, z_channels=z_channels, seed=3, dtype=torch.bfloat16, device="cuda")
     diffusion = GaussianDiffusion(20)
