@@ -26,7 +26,8 @@ PROFILE_PREFIX = "profile-"  # benchmarks/profile_kernels.py's kernel profiles a
 START_MARKER = "<!-- perf-table:start -->"
 END_MARKER = "<!-- perf-table:end -->"
 PROVIDER_RANK = {"reference_eager": 0, "torch_compile": 1, "marfast_fused_head": 2, "marfast_fused": 3,
-                 "marfast_fused_no_pdl": 3.5, "marfast_fused_graphs": 3.6, "mlp_reference": 4, "mlp_fused": 5,
+                 "marfast_fused_no_pdl": 3.5, "marfast_fused_graphs": 3.6, "marfast_fused_chain": 3.7,
+                 "marfast_fused_one_launch": 3.8, "mlp_reference": 4, "mlp_fused": 5,
                  "transformer_reference": 6, "transformer_compile": 7}
 # x axis and the parameters that make one line of a plot, per case (other cases: chosen from the data).
 PLOT_AXES = {

@@ -14,7 +14,11 @@ Providers, timed side by side in one run (reference first, so that the others' s
 - marfast_fused: `DiffLoss(backend="triton").sample`, skipped with the reason when the fused path is
   not present;
 - marfast_fused_no_pdl (GPU, 64 rows or fewer, where the gaps between kernels matter most): the
-  same with MARFAST_PDL=0, i.e. without programmatic dependent launch.
+  same with MARFAST_PDL=0, i.e. without programmatic dependent launch;
+- marfast_fused_chain and marfast_fused_one_launch (GPU, 64 rows or fewer): the same with the
+  packed head's loop_kernels forced to "chain" (a launch per kernel) or "one_launch" (the DDPM steps
+  of each modulation chunk in one launch, `ddpm_sample_loop`); marfast_fused takes whichever it
+  timed faster ("auto").
 """
 import contextlib
 import os
@@ -24,6 +28,7 @@ import pytest
 import torch
 
 from marfast.diffloss import ddpm_sample_loop_reference
+from marfast.fused_head import packed_head
 
 from marfast.kernels.linear_fused import PDL_ENV
 
@@ -37,6 +42,8 @@ GPU_ROWS = (8, 64, 512, 4096, 16384)
 QUICK = {("6x1024", 8), ("6x1024", 4096), ("12x1536", 4096)}
 FUSED_NO_PDL = "marfast_fused_no_pdl"
 NO_PDL_MAX_ROWS = 64
+LOOP_KERNEL_PROVIDERS = {"marfast_fused_chain": "chain", "marfast_fused_one_launch": "one_launch"}
+FEW_ROW_PROVIDERS = (FUSED_NO_PDL,) + tuple(LOOP_KERNEL_PROVIDERS)
 
 
 def _cases():
@@ -47,7 +54,7 @@ def _cases():
     for spec in RELEASED_HEADS:
         for rows in GPU_ROWS:
             marks = () if (spec.name, rows) in QUICK else (pytest.mark.bench_extended,)
-            providers = PROVIDER_ORDER + ((FUSED_NO_PDL,) if rows <= NO_PDL_MAX_ROWS else ())
+            providers = PROVIDER_ORDER + (FEW_ROW_PROVIDERS if rows <= NO_PDL_MAX_ROWS else ())
             for provider in providers:
                 cases.append(pytest.param(spec, rows, provider, marks=marks, id=f"{spec.name}-rows{rows}-{provider}"))
     return cases
@@ -89,6 +96,18 @@ def _pdl_off():
     return mock.patch.dict(os.environ, {PDL_ENV: "0"})
 
 
+@contextlib.contextmanager
+def _loop_kernels(net, kernels):
+    """The packed head's loop_kernels set to `kernels` for the duration of a with-block, then
+    restored."""
+    pack = packed_head(net)
+    before, pack.loop_kernels = pack.loop_kernels, kernels
+    try:
+        yield
+    finally:
+        pack.loop_kernels = before
+
+
 @pytest.mark.parametrize("spec, rows, provider", _cases())
 @torch.no_grad()
 def test_head_sample(benchmark, bench, spec, rows, provider):
@@ -114,14 +133,20 @@ def test_head_sample(benchmark, bench, spec, rows, provider):
         fused, reason = _fused_head(bench, spec)
         if fused is None:
             pytest.skip(reason)
-        pdl = _pdl_off if provider == FUSED_NO_PDL else contextlib.nullcontext
+        if provider == FUSED_NO_PDL:
+            setting, detail = _pdl_off, f" with {PDL_ENV}=0 (no programmatic dependent launch)"
+        elif provider in LOOP_KERNEL_PROVIDERS:
+            kernels = LOOP_KERNEL_PROVIDERS[provider]
+            setting = lambda: _loop_kernels(fused.net, kernels)  # noqa: E731
+            detail = f" with loop_kernels={kernels!r}"
+        else:
+            setting, detail = contextlib.nullcontext, ""
 
         def fn():
-            with pdl():
+            with setting():
                 return fused.sample(z, temperature=1.0, cfg=CFG)
 
-        detail = "DiffLoss(backend='triton').sample" + (
-            f" with {PDL_ENV}=0 (no programmatic dependent launch)" if provider == FUSED_NO_PDL else "")
+        detail = "DiffLoss(backend='triton').sample" + detail
 
     weight_bytes = torch.finfo(dtype).bits // 8
     flops, bytes_min = head_sampling_work(reference.net, rows, DDPM_STEPS, weight_bytes)

@@ -34,23 +34,24 @@ SPLIT_K_PARTS = (4, 16)  # K-split candidates at few rows (each capped by the wi
 
 
 @triton.jit
-def _final_layer_ddpm_step_kernel(
+def final_layer_ddpm_item(
+    pid, split, k_begin, k_end,
     residual_ptr, stats_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr,
     state_ptr, noise_ptr, out_ptr, scalars_ptr, partials_ptr, counters_ptr,
-    rows, width, channels, uncond_row_offset, k_split_len,
+    rows, width, channels, uncond_row_offset,
     stride_rm, stride_stats_m, stride_mod_m, stride_wn, stride_wk, stride_xm, stride_nm, stride_om,
     sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
-    log_beta, posterior_log_variance_clipped, ln_eps,
-    USE_CFG: tl.constexpr, ADD_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    log_beta, posterior_log_variance_clipped, ln_eps, add_noise,
+    USE_CFG: tl.constexpr, CLIP_X0: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """out[B, C] = x_{t-1} from state x_t [B, C], the last residual h and the final layer; see module doc.
+    """Row block `pid` (K range [k_begin, k_end), part `split` of SPLIT_K) of x_{t-1} [B, C] from
+    state x_t [B, C], the last residual h and the final layer, once the inputs are ready; see the
+    module docstring. add_noise (t > 0; a constant or a runtime flag) adds the step's noise.
 
-    SPLIT_K > 1: SPLIT_K consecutive programs share a row block, each over k_split_len of the width;
-    partial slots of row block p: 3 * SPLIT_K from p * 3 * SPLIT_K (eps_c, v, eps_u, split-major)."""
-    wait_for_previous_grid(PDL)
-    pid, split, k_begin, k_end = split_k_range(tl.program_id(0), width, k_split_len, SPLIT_K)
+    SPLIT_K > 1: SPLIT_K items share a row block, each over part of the width; partial slots of
+    row block p: 3 * SPLIT_K from p * 3 * SPLIT_K (eps_c, v, eps_u, split-major)."""
     cond_rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = cond_rows < rows
     uncond_rows = cond_rows + uncond_row_offset
@@ -64,9 +65,8 @@ def _final_layer_ddpm_step_kernel(
     x_t = tl.load(state_ptr + rows64 * stride_xm + channel[None, :], mask=tile_mask, other=0.0)
     if USE_CFG:
         cfg = tl.load(scalars_ptr)
-    if ADD_NOISE:
-        temperature = tl.load(scalars_ptr + 1)
-        noise = tl.load(noise_ptr + rows64 * stride_nm + channel[None, :], mask=tile_mask, other=0.0)
+    temperature = tl.load(scalars_ptr + 1)
+    noise = tl.load(noise_ptr + rows64 * stride_nm + channel[None, :], mask=tile_mask & add_noise, other=0.0)
     if CLIP_X0:
         clip_lo = tl.load(scalars_ptr + 2)
         clip_hi = tl.load(scalars_ptr + 3)
@@ -127,9 +127,33 @@ def _final_layer_ddpm_step_kernel(
     if CLIP_X0:
         x0 = tl.minimum(tl.maximum(x0, clip_lo), clip_hi)
     x_prev = posterior_mean_coef1 * x0 + posterior_mean_coef2 * x_t
-    if ADD_NOISE:
-        x_prev += tl.exp(0.5 * log_var) * noise * temperature
+    x_prev = tl.where(add_noise, x_prev + tl.exp(0.5 * log_var) * noise * temperature, x_prev)
     tl.store(out_ptr + rows64 * stride_om + channel[None, :], x_prev, mask=row_ok[:, None] & channel_ok[None, :])
+
+
+@triton.jit
+def _final_layer_ddpm_step_kernel(
+    residual_ptr, stats_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr,
+    state_ptr, noise_ptr, out_ptr, scalars_ptr, partials_ptr, counters_ptr,
+    rows, width, channels, uncond_row_offset, k_split_len,
+    stride_rm, stride_stats_m, stride_mod_m, stride_wn, stride_wk, stride_xm, stride_nm, stride_om,
+    sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
+    log_beta, posterior_log_variance_clipped, ln_eps,
+    USE_CFG: tl.constexpr, ADD_NOISE: tl.constexpr, CLIP_X0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+):
+    """out[B, C] = x_{t-1}, one row block (or one width part of it) per program
+    (`final_layer_ddpm_item`); see the module docstring."""
+    wait_for_previous_grid(PDL)
+    pid, split, k_begin, k_end = split_k_range(tl.program_id(0), width, k_split_len, SPLIT_K)
+    final_layer_ddpm_item(
+        pid, split, k_begin, k_end, residual_ptr, stats_ptr, shift_ptr, scale_ptr, weight_ptr, bias_ptr,
+        state_ptr, noise_ptr, out_ptr, scalars_ptr, partials_ptr, counters_ptr, rows, width, channels,
+        uncond_row_offset, stride_rm, stride_stats_m, stride_mod_m, stride_wn, stride_wk, stride_xm, stride_nm,
+        stride_om, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
+        posterior_mean_coef2, log_beta, posterior_log_variance_clipped, ln_eps, ADD_NOISE, USE_CFG, CLIP_X0,
+        DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K, STATS_GROUP, STATS_CHUNK, SPLIT_K)
 
 
 def step_coefficients(diffusion, step):

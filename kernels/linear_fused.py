@@ -349,48 +349,51 @@ def _split_k_sum(acc, partials_ptr, counters_ptr, tile, split,
 
 
 @triton.jit
-def _linear_fused_kernel(
+def gemm_item_coords(item, M, N, K, k_split_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Where work item `item` of a GEMM lies: (tile, split, k_begin, k_end, pid_n, rows, row_ok,
+    cols, col_ok). SPLIT_K consecutive items share an output tile, each over k_split_len of K;
+    tiles are ordered so that GROUP_M row tiles sweep the column tiles together (a band of A stays
+    in L2)."""
+    tile, split, k_begin, k_end = split_k_range(item, K, k_split_len, SPLIT_K)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    band = tile // (GROUP_M * tiles_n)
+    band_rows = tl.minimum(tiles_m - band * GROUP_M, GROUP_M)
+    within = tile - band * GROUP_M * tiles_n
+    pid_m = band * GROUP_M + within % band_rows
+    pid_n = within // band_rows
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return tile, split, k_begin, k_end, pid_n, rows, rows < M, cols, cols < N
+
+
+@triton.jit
+def linear_fused_item(
+    tile, split, k_begin, k_end, pid_n, rows, row_ok, cols, col_ok,
     a_ptr, weight_ptr, bias_ptr, out_ptr,
     stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
     gate_ptr, residual_ptr, stats_out_ptr, partials_ptr, counters_ptr,
-    M, N, K, a_row_period, k_split_len,
+    M, N, K, a_row_period,
     stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm,
     stride_stats_in_m, stride_stats_out_m,
     ln_eps,
     PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_K: tl.constexpr, PRELOAD_EPILOGUE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr,
+    PRELOAD_EPILOGUE: tl.constexpr,
 ):
-    """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]); see the module docstring.
+    """One work item of out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]) (coordinates
+    from `gemm_item_coords`; see the module docstring), once the inputs are ready.
 
     A rows are read at (row % a_row_period) (the CFG input projection reuses the B state rows for
     both halves); A, out, residual and the modulation views have unit column stride. SPLIT_K > 1:
-    SPLIT_K consecutive programs share one output tile, each over k_split_len of K (a multiple
-    of BLOCK_K); the last to finish sums their partial tiles (`_split_k_sum`) and applies the
-    epilogue, the others store nothing. PRELOAD_EPILOGUE (small tiles) loads the epilogue's
-    operands right after the grid dependency wait, in every program, instead of after the K loop.
+    the last of the tile's SPLIT_K items to finish sums their partial tiles (`_split_k_sum`) and
+    applies the epilogue, the others store nothing. PRELOAD_EPILOGUE (small tiles) loads the
+    epilogue's operands before the K loop instead of after it.
     """
-    # Tile order: GROUP_M row tiles sweep the column tiles together, so a band of A stays in L2.
-    pid, split, k_begin, k_end = split_k_range(tl.program_id(0), K, k_split_len, SPLIT_K)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    band = pid // (GROUP_M * tiles_n)
-    band_rows = tl.minimum(tiles_m - band * GROUP_M, GROUP_M)
-    within = pid - band * GROUP_M * tiles_n
-    pid_m = band * GROUP_M + within % band_rows
-    pid_n = within // band_rows
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
     a_rows = (rows % a_row_period).to(tl.int64)
-
-    if PREFETCH_K > 0:  # the weights are never written by the previous kernel: fetch them while it drains
-        _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk, stride_wn, BLOCK_K, PREFETCH_K)
-    wait_for_previous_grid(PDL)
     if PRELOAD_EPILOGUE:  # issued before the K loop: their latency hides behind it instead of following it
         bias, gate, residual = _epilogue_operands(bias_ptr, gate_ptr, residual_ptr, rows, row_ok, cols, col_ok,
                                                   stride_mod_m, stride_rm, EPILOGUE == 2)
@@ -412,7 +415,7 @@ def _linear_fused_kernel(
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(a.to(w.dtype), w, acc, input_precision=DOT_PRECISION)
     if SPLIT_K > 1:
-        acc, last = _split_k_sum(acc, partials_ptr, counters_ptr, pid, split, SPLIT_K, BLOCK_M, BLOCK_N)
+        acc, last = _split_k_sum(acc, partials_ptr, counters_ptr, tile, split, SPLIT_K, BLOCK_M, BLOCK_N)
         row_ok = rows < M * last.to(tl.int32)  # no rows outside the last program: the others store nothing
     if not PRELOAD_EPILOGUE:
         bias, gate, residual = _epilogue_operands(bias_ptr, gate_ptr, residual_ptr, rows, row_ok, cols, col_ok,
@@ -431,6 +434,37 @@ def _linear_fused_kernel(
     if WRITE_STATS:
         _store_group_stats(y, rows, row_ok, pid_n * BLOCK_N, N, stats_out_ptr, stride_stats_out_m,
                            BLOCK_M, BLOCK_N, STATS_GROUP)
+
+
+@triton.jit
+def _linear_fused_kernel(
+    a_ptr, weight_ptr, bias_ptr, out_ptr,
+    stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
+    gate_ptr, residual_ptr, stats_out_ptr, partials_ptr, counters_ptr,
+    M, N, K, a_row_period, k_split_len,
+    stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm,
+    stride_stats_in_m, stride_stats_out_m,
+    ln_eps,
+    PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, WRITE_STATS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STATS_GROUP: tl.constexpr, STATS_CHUNK: tl.constexpr, SPLIT_K: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH_K: tl.constexpr, PRELOAD_EPILOGUE: tl.constexpr,
+):
+    """out[M, N] = epilogue(prologue(A)[M, K] @ W[N, K]^T + b[N]), one work item per program
+    (`linear_fused_item`); see the module docstring."""
+    tile, split, k_begin, k_end, pid_n, rows, row_ok, cols, col_ok = gemm_item_coords(
+        tl.program_id(0), M, N, K, k_split_len, BLOCK_M, BLOCK_N, GROUP_M, SPLIT_K)
+    if PREFETCH_K > 0:  # the weights are never written by the previous kernel: fetch them while it drains
+        _prefetch_weights_to_l2(weight_ptr, cols, col_ok, k_begin, k_end, stride_wk, stride_wn, BLOCK_K, PREFETCH_K)
+    wait_for_previous_grid(PDL)
+    linear_fused_item(
+        tile, split, k_begin, k_end, pid_n, rows, row_ok, cols, col_ok,
+        a_ptr, weight_ptr, bias_ptr, out_ptr, stats_in_ptr, ln_weight_ptr, ln_bias_ptr, shift_ptr, scale_ptr,
+        gate_ptr, residual_ptr, stats_out_ptr, partials_ptr, counters_ptr, M, N, K, a_row_period,
+        stride_am, stride_wn, stride_wk, stride_om, stride_mod_m, stride_rm, stride_stats_in_m, stride_stats_out_m,
+        ln_eps, PROLOGUE, EPILOGUE, WRITE_STATS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, STATS_GROUP, STATS_CHUNK,
+        SPLIT_K, PRELOAD_EPILOGUE)
 
 
 def interpreting():
@@ -527,11 +561,12 @@ def tuning_rows(rows):
     return rows if rows <= TUNE_EXACT_ROWS else triton.next_power_of_2(rows)
 
 
-def time_launches(run, repeats=TUNE_REPEATS):
+def time_launches(run, repeats=TUNE_REPEATS, queue_cycles=TUNE_QUEUE_CYCLES):
     """Milliseconds of `repeats` back-to-back calls of run() on the current CUDA stream (events; the
-    GPU is kept busy while the launches queue up, so kernels are timed, not Python)."""
+    GPU sleeps for queue_cycles clock cycles while the launches queue up, so kernels are timed, not
+    Python: enough for all of them to be queued)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(TUNE_QUEUE_CYCLES)
+    torch.cuda._sleep(queue_cycles)
     start.record()
     for _ in range(repeats):
         run()
@@ -570,18 +605,19 @@ def _tuned_config(key, candidates, launch, what):
     return _TUNED[key]
 
 
-def fastest_way(choices, key, ways, what):
-    """The name of the fastest of `ways` ({name: run}) for `key`, timed once with CUDA events and
-    remembered in the dict `choices`. Each run is called once untimed first (compiling and tuning
-    its kernels). Never times during CUDA graph capture: a key first met there is an error naming
-    `what` (run the same launch once eagerly first)."""
+def fastest_way(choices, key, ways, what, queue_cycles=TUNE_QUEUE_CYCLES):
+    """The name of the fastest of `ways` ({name: run}) for `key`, timed once with CUDA events
+    (`time_launches`, queue_cycles: for ways of many launches) and remembered in the dict
+    `choices`. Each run is called once untimed first (compiling and tuning its kernels). Never
+    times during CUDA graph capture: a key first met there is an error naming `what` (run the
+    same launch once eagerly first)."""
     if key not in choices:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{what}: the choice for {key} was not timed before CUDA graph capture; "
                                "run the same launch once eagerly first")
         for run in ways.values():
             run()
-        timings = {name: time_launches(run) / TUNE_REPEATS for name, run in ways.items()}
+        timings = {name: time_launches(run, queue_cycles=queue_cycles) / TUNE_REPEATS for name, run in ways.items()}
         choices[key] = min(timings, key=timings.get)
         _TIMINGS[what, key] = timings
     return choices[key]

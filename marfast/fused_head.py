@@ -31,6 +31,15 @@ what `diffloss.ddpm_sample_loop_reference` computes, with these kernels per DDPM
    to 64 rows its tuner also tries the width split over several programs (one row block is
    otherwise the whole grid).
 
+Items 2-4 are the launch chain (`_chain_steps`, about 2D + 2 kernels per DDPM step). At up to
+ONE_LAUNCH_MAX_ROWS (64) net rows the same work can instead run as one launch per chunk of steps
+(`_one_launch_steps`, `kernels/ddpm_sample_loop.py`): a persistent grid, one program per SM, that
+walks the same per-item code with grid barriers where the chain has kernel boundaries. The packed
+head's `loop_kernels` picks: "chain", "one_launch", or "auto" (default: the chain off CUDA and
+above 64 rows; otherwise whichever runs one step faster, timed once per shape in the eager run).
+A grid barrier that times out (only if other work holds the SMs for about a second) makes the
+result NaN instead of hanging; the eager runs check for it and raise.
+
 On CUDA the loop (cond_embed and the modulation GEMMs included) is captured once per (bucketed
 row count (`bucket_rows`), CFG on/off, clip on/off, number of steps) as a CUDA graph and
 replayed: no host synchronisation and no Python work per step. On sm_90+ every Triton kernel of
@@ -59,10 +68,12 @@ import torch.nn.functional as F
 from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
 from .kernels.adaln_input import adaln_input
+from .kernels.ddpm_sample_loop import MAX_ROWS as ONE_LAUNCH_MAX_ROWS
+from .kernels.ddpm_sample_loop import LoopWeights, barrier_timed_out, coefficient_table, ddpm_sample_loop, new_sync
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
-from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, fastest_way, input_projection, interpreting,
-                                   linear, linear_gated_residual, linear_ln_modulate_silu, programmatic_launch,
-                                   stats_shape)
+from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, fastest_way, gpu_configs, input_projection,
+                                   interpreting, linear, linear_gated_residual, linear_ln_modulate_silu,
+                                   programmatic_launch, stats_shape)
 
 MAX_GRAPHS_PER_HEAD = 8
 MIN_BUCKET_ROWS = 16
@@ -138,6 +149,9 @@ class PackedHead:
         self._time_mlp = [t.detach().float() for t in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias)]
         self._time_embeddings = {}
         self._coefficients = {}
+        self._coefficient_tables = {}
+        self._loop_weights = None
+        self.loop_kernels = "auto"
         self.graphs = OrderedDict()
 
     def time_embeddings(self, diffusion):
@@ -156,6 +170,22 @@ class PackedHead:
         if key not in self._coefficients:
             self._coefficients[key] = [step_coefficients(diffusion, s) for s in range(diffusion.num_timesteps)]
         return self._coefficients[key]
+
+    def coefficient_table(self, diffusion):
+        """The same values as a device table fp32 [S, 6] (`ddpm_sample_loop`; cached per schedule)."""
+        key = diffusion.num_timesteps
+        if key not in self._coefficient_tables:
+            self._coefficient_tables[key] = coefficient_table(diffusion, self.device)
+        return self._coefficient_tables[key]
+
+    def loop_weights(self):
+        """The weights arranged for the one-launch loop (`LoopWeights`, built on first use)."""
+        if self._loop_weights is None:
+            blocks = [(b.ln_weight, b.ln_bias, b.fc1_weight, b.fc1_bias, b.fc2_weight, b.fc2_bias, b.ln_eps)
+                      for b in self.blocks]
+            self._loop_weights = LoopWeights(self.input_weight, self.input_bias, blocks, self.final_weight,
+                                             self.final_bias, self.final_eps)
+        return self._loop_weights
 
 
 _PACKS = weakref.WeakKeyDictionary()
@@ -215,16 +245,19 @@ class _Workspace:
         self.state_rows, self.net_rows, self.use_cfg = state_rows, net_rows, use_cfg
         self.steps_per_gemm = modulation_steps_per_gemm(net_rows, num_steps, pack.modulation_gemm_rows)
         self.z = torch.zeros(net_rows, pack.z_channels, **low)
-        self.states = [torch.zeros(state_rows, channels, **f32) for _ in range(2)]
+        self.state_pair = torch.zeros(2, state_rows, channels, **f32)
+        self.states = list(self.state_pair.unbind(0))
         self.noise = torch.zeros(num_steps, state_rows, channels, **f32)
         self.scalars = torch.zeros(4, **f32)
         self.cond = torch.empty(net_rows, width, **f32)
         self.adaln_input = torch.empty(self.steps_per_gemm, net_rows, width, **low)
         self.modulation = torch.empty(self.steps_per_gemm, net_rows, (3 * pack.depth + 2) * width, **low)
-        self.residuals = [torch.empty(net_rows, width, **f32) for _ in range(2)]
+        self.residual_pair = torch.empty(2, net_rows, width, **f32)
+        self.residuals = list(self.residual_pair.unbind(0))
         self.hidden = torch.empty(net_rows, width, **low)
         self.stats = torch.empty(stats_shape(net_rows, width), **f32)
         self.split_k = SplitKWorkspace(pack.device)
+        self.sync = new_sync(pack.device)
 
     def modulate_steps(self, pack, time_embeddings, lo, hi):
         """Fill modulation[: hi - lo + 1] with the modulations of steps lo..hi (one GEMM)."""
@@ -274,37 +307,97 @@ def modulation_gemm(pack, silu_cond, out):
     return runs[provider]()
 
 
+LOOP_KERNELS = ("auto", "chain", "one_launch")
+_LOOP_CHOICE = {}
+# the chain's step is about 2D + 2 eager launches of tens of microseconds of host work each: the
+# GPU sleeps long enough (about 20 ms) for all the timed repeats to be queued before they run
+LOOP_CHOICE_QUEUE_CYCLES = 40_000_000
+
+
+def _chain_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip):
+    """Steps hi .. lo as the launch chain (module docstring, items 2-4), from ws.states[current];
+    modulation[0] holds step mod_step's modulations. Returns the state index holding the result."""
+    width, depth = pack.width, pack.depth
+    coefficients = pack.coefficients(diffusion)
+    for step in range(hi, lo - 1, -1):
+        mod = ws.modulation[step - mod_step]
+        state, next_state = ws.states[current], ws.states[1 - current]
+        input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats)
+        res = 0
+        for i, block in enumerate(pack.blocks):
+            base = 3 * width * i
+            linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
+                                    mod[:, base:base + width], mod[:, base + width:base + 2 * width],
+                                    block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps, ws.split_k)
+            linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias,
+                                  mod[:, base + 2 * width:base + 3 * width], ws.residuals[res],
+                                  ws.residuals[1 - res], ws.stats, ws.split_k)
+            res = 1 - res
+        base = 3 * width * depth
+        final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width],
+                              mod[:, base + width:base + 2 * width], pack.final_weight, pack.final_bias, state,
+                              ws.noise[step], next_state, ws.scalars, coefficients[step], use_cfg=ws.use_cfg,
+                              uncond_row_offset=ws.state_rows if ws.use_cfg else 0, add_noise=step > 0,
+                              clip_x0=clip, ln_eps=pack.final_eps, split_k=ws.split_k)
+        current = 1 - current
+    return current
+
+
+def _one_launch_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip):
+    """Steps hi .. lo in one launch (`ddpm_sample_loop`); arguments and result as `_chain_steps`."""
+    return ddpm_sample_loop(pack.loop_weights(), ws.state_pair, current, hi, lo, ws.noise, ws.scalars,
+                            pack.coefficient_table(diffusion), ws.residual_pair, ws.hidden, ws.stats, ws.modulation,
+                            ws.sync, ws.split_k, use_cfg=ws.use_cfg, clip_x0=clip, modulation_step=mod_step)
+
+
+def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step):
+    """Whether the loop's steps run as one launch per modulation chunk (`ddpm_sample_loop`) or as
+    the launch chain. pack.loop_kernels "chain" or "one_launch" forces one (the latter only up to
+    ONE_LAUNCH_MAX_ROWS net rows); "auto" takes the chain off CUDA and above ONE_LAUNCH_MAX_ROWS
+    rows, and otherwise whichever runs a step faster, timed once per shape (one_chain_step and
+    one_launch_step each run one step; repeatable)."""
+    kernels = pack.loop_kernels
+    if kernels not in LOOP_KERNELS:
+        raise ValueError(f"loop_kernels must be one of {LOOP_KERNELS}, got {kernels!r}")
+    if kernels == "one_launch" and ws.net_rows > ONE_LAUNCH_MAX_ROWS:
+        raise ValueError(f"loop_kernels='one_launch' runs at most {ONE_LAUNCH_MAX_ROWS} net rows, got {ws.net_rows} "
+                         "(bucketed); use 'auto' or 'chain'")
+    if kernels != "auto":
+        return kernels == "one_launch"
+    if not gpu_configs(pack.device) or ws.net_rows > ONE_LAUNCH_MAX_ROWS:
+        return False
+    # not keyed on PDL: the ways round differently, and the loop must give the same result with PDL on and off
+    key = (ws.net_rows, ws.use_cfg, clip, pack.width, pack.depth, pack.dtype, str(pack.device),
+           torch.get_float32_matmul_precision())
+    ways = {"chain": one_chain_step, "one_launch": one_launch_step}
+    return fastest_way(_LOOP_CHOICE, key, ways, "the DDPM steps (launch chain or one launch)",
+                       queue_cycles=LOOP_CHOICE_QUEUE_CYCLES) == "one_launch"
+
+
 def _launch_loop(pack, ws, diffusion, clip):
     """Launch the whole sampling loop on ws's buffers; returns the state buffer holding x_0."""
-    width, depth = pack.width, pack.depth
     time_embeddings = pack.time_embeddings(diffusion)
-    coefficients = pack.coefficients(diffusion)
     linear(ws.z, pack.cond_weight, pack.cond_bias, ws.cond)
     current = 0
     for lo, hi in modulation_chunks(diffusion.num_timesteps, ws.steps_per_gemm):
         ws.modulate_steps(pack, time_embeddings, lo, hi)
-        for step in range(hi, lo - 1, -1):
-            mod = ws.modulation[step - lo]
-            state, next_state = ws.states[current], ws.states[1 - current]
-            input_projection(state, pack.input_weight, pack.input_bias, ws.residuals[0], ws.stats)
-            res = 0
-            for i, block in enumerate(pack.blocks):
-                base = 3 * width * i
-                linear_ln_modulate_silu(ws.residuals[res], ws.stats, block.ln_weight, block.ln_bias,
-                                        mod[:, base:base + width], mod[:, base + width:base + 2 * width],
-                                        block.fc1_weight, block.fc1_bias, ws.hidden, block.ln_eps, ws.split_k)
-                linear_gated_residual(ws.hidden, block.fc2_weight, block.fc2_bias,
-                                      mod[:, base + 2 * width:base + 3 * width], ws.residuals[res],
-                                      ws.residuals[1 - res], ws.stats, ws.split_k)
-                res = 1 - res
-            base = 3 * width * depth
-            final_layer_ddpm_step(ws.residuals[res], ws.stats, mod[:, base:base + width],
-                                  mod[:, base + width:base + 2 * width], pack.final_weight, pack.final_bias, state,
-                                  ws.noise[step], next_state, ws.scalars, coefficients[step], use_cfg=ws.use_cfg,
-                                  uncond_row_offset=ws.state_rows if ws.use_cfg else 0, add_noise=step > 0,
-                                  clip_x0=clip, ln_eps=pack.final_eps, split_k=ws.split_k)
-            current = 1 - current
+
+        def run(way, first, last, start=current, mod_step=lo):
+            return way(pack, ws, diffusion, mod_step, first, last, start, clip)
+
+        one_launch = _uses_one_launch(pack, ws, clip, lambda: run(_chain_steps, hi, hi),
+                                      lambda: run(_one_launch_steps, hi, hi))
+        current = run(_one_launch_steps if one_launch else _chain_steps, hi, lo)
     return ws.states[current]
+
+
+def _check_barriers(ws):
+    """Raise if a one-launch loop on ws gave up waiting at a grid barrier (reads the device, so only
+    after eager runs; a replayed graph's results are NaN then, see `ddpm_sample_loop`)."""
+    if barrier_timed_out(ws.sync):
+        raise RuntimeError("the one-launch DDPM loop timed out at a grid barrier (its programs could not all run "
+                           "at once: other work held the GPU's SMs) and returned NaN; "
+                           "packed_head(net).loop_kernels = 'chain' avoids it")
 
 
 class _CapturedLoop:
@@ -315,7 +408,7 @@ class _CapturedLoop:
 def _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, temperature, clip_x0):
     key = (bucket_rows(rows), use_cfg, clip_x0 is not None, tuple(diffusion.timestep_map.tolist()),
            torch.get_float32_matmul_precision(),  # fp32 dots bake IEEE vs TF32 into the graph
-           pack.modulation_provider, pack.modulation_gemm_rows,
+           pack.modulation_provider, pack.modulation_gemm_rows, pack.loop_kernels,
            programmatic_launch(pack.device)["PDL"])  # a graph keeps the launch attributes it was captured with
     captured = pack.graphs.get(key)
     if captured is not None:
@@ -329,6 +422,7 @@ def _sample_with_graph(pack, diffusion, z, x, step_noise, rows, use_cfg, cfg, te
     side.wait_stream(torch.cuda.current_stream(pack.device))
     with torch.cuda.stream(side):
         result = _launch_loop(pack, ws, diffusion, clip_x0 is not None)  # compiles, tunes, and computes this call
+        _check_barriers(ws)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         captured_result = _launch_loop(pack, ws, diffusion, clip_x0 is not None)
@@ -413,4 +507,5 @@ def ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, c
             ws = _Workspace(pack, rows, use_cfg, diffusion.num_timesteps)
             ws.load(z, x, step_noise, cfg, temperature, clip_x0)
             out = _launch_loop(pack, ws, diffusion, clip_x0 is not None).clone()
+            _check_barriers(ws)
     return torch.cat([out, out]) if use_cfg else out

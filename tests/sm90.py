@@ -27,6 +27,7 @@ import torch
 GLOBAL_MEMORY_PTX = re.compile(r"\b(?:ld\.global|st\.global|atom\.global|red\.global|cp\.async)\b")
 H100_SHARED_BYTES = 232448  # the most dynamic shared memory one block may use on sm_90 (227 KiB)
 H100_REGISTERS_PER_SM = 65536  # 32-bit registers of one SM, shared by its resident blocks
+H100_SMS = 132
 
 
 @contextlib.contextmanager
@@ -35,7 +36,7 @@ def record_launches(monkeypatch):
     JSON-able descriptions: kernel module and name, arguments (tensors by dtype and alignment)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from marfast.kernels import adaln_input, add_layernorm, ddpm_step, linear_fused
+    from marfast.kernels import adaln_input, add_layernorm, ddpm_sample_loop, ddpm_step, linear_fused
 
     launches = []
 
@@ -45,13 +46,14 @@ def record_launches(monkeypatch):
                          "kwargs": {k: _describe(v) for k, v in kwargs.items()}})
 
     monkeypatch.setattr(InterpretedFunction, "run", record)
-    for module in (linear_fused, ddpm_step, adaln_input, add_layernorm):
+    for module in (linear_fused, ddpm_step, adaln_input, add_layernorm, ddpm_sample_loop):
         monkeypatch.setattr(module, "gpu_configs", lambda device: True)
         monkeypatch.setattr(module, "programmatic_launch", lambda device: {"PDL": True, "launch_pdl": True})
+    monkeypatch.setattr(ddpm_sample_loop, "resident_programs", lambda device: H100_SMS)
     monkeypatch.setattr(linear_fused, "_TUNED", {})
     monkeypatch.setattr(linear_fused, "_PROLOGUE_CHOICE", {})
     monkeypatch.setattr(linear_fused, "_TIMINGS", {})
-    monkeypatch.setattr(linear_fused, "time_launches", lambda run, repeats=1: (run(), 1.0)[1])
+    monkeypatch.setattr(linear_fused, "time_launches", lambda run, repeats=1, queue_cycles=0: (run(), 1.0)[1])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds have no CUDA runtime
     yield launches
 
@@ -67,9 +69,10 @@ def _describe(value):
 def compile_for_h100(launches):
     """Compile the distinct launches for sm_90 (in a child process); returns one dict per kernel:
     name, constants, num_warps, num_stages, launch_pdl, shared_bytes, registers, local_bytes, counts
-    of PTX instructions: async_copies, warpgroup_mmas, release_acquire_atomics, l2_loads
-    (ld.global.cg), loads_after_last_mma (global loads other than ld.global.cg after the last
-    matrix-multiply instruction: loads an epilogue waits for), l2_prefetches (and
+    of PTX instructions: async_copies (async_copies_16_bytes: those of 16-byte vectors),
+    warpgroup_mmas, release_acquire_atomics, l2_loads (ld.global.cg), loads_after_last_mma (global
+    loads other than ld.global.cg after the last matrix-multiply instruction: loads an epilogue
+    waits for), l2_prefetches (and
     l2_prefetches_before_wait: those before the first griddepcontrol.wait), grid_dependency_waits,
     launch_dependents; and memory_before_wait: whether any global load, store, atomic or
     asynchronous copy (not a prefetch) precedes the first griddepcontrol.wait in the PTX."""
@@ -122,6 +125,8 @@ def _compile_all(launches):
                         "shared_bytes": kernel.metadata.shared, "registers": usage["REG"],
                         "local_bytes": usage["LOCAL"] + usage["STACK"],
                         "async_copies": len(re.findall(r"\bcp\.async\.(?:ca|cg)|cp\.async\.bulk", ptx)),
+                        "async_copies_16_bytes": len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^;]*\], 0x10\b",
+                                                                ptx)),
                         "warpgroup_mmas": len(re.findall(r"\bwgmma\.mma_async", ptx)),
                         "release_acquire_atomics": len(re.findall(r"\batom\.global\.gpu\.acq_rel\.", ptx)),
                         "l2_loads": len(re.findall(r"\bld\.global\.cg\b", ptx)),

@@ -287,6 +287,29 @@ def test_no_pdl_provider_sets_and_restores_the_pdl_switch(before, monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # bench_extended: registered by benchmarks/
+def test_loop_kernel_providers_force_the_setting_at_few_rows_and_restore_it(monkeypatch):
+    """marfast_fused_chain / marfast_fused_one_launch run their call with the packed head's
+    loop_kernels forced and restore it, even when the call raises; on a GPU they are timed at 64
+    rows or fewer only."""
+    from benchmarks import test_bench_head_sampling as head_bench
+    from marfast.diffloss import SimpleMLPAdaLN
+    from marfast.fused_head import packed_head, release_fused_cache
+
+    net = SimpleMLPAdaLN(4, 8, 8, 4, 1)
+    with pytest.raises(RuntimeError, match="inside"):
+        with head_bench._loop_kernels(net, "one_launch"):
+            assert packed_head(net).loop_kernels == "one_launch"
+            raise RuntimeError("inside")
+    assert packed_head(net).loop_kernels == "auto"
+    release_fused_cache(net)
+    monkeypatch.setattr(head_bench, "ON_GPU", True)
+    ids = {case.id for case in head_bench._cases()}
+    for provider in head_bench.LOOP_KERNEL_PROVIDERS:
+        assert {f"6x1024-rows8-{provider}", f"12x1536-rows64-{provider}"} <= ids
+        assert not any(case_id.endswith(f"rows512-{provider}") for case_id in ids)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnknownMarkWarning")  # bench_extended: registered by benchmarks/
 def test_mar_sampling_cases_time_cuda_graphs_at_small_batch_on_gpu(monkeypatch):
     """On a GPU the MAR sampling matrix also times the fast loop with CUDA-graph transformer steps,
     at batch 16 or less only; the CPU matrix (no CUDA graphs) does not."""

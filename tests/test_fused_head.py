@@ -174,7 +174,7 @@ def fake_gpu_timings(monkeypatch, choice_tables, faster, way_of):
     monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, **k: (launched.append(self.fn.__name__),
                                                                           run(self, *a, **k))[1])
 
-    def fake_time(run, repeats=1):
+    def fake_time(run, repeats=1, queue_cycles=0):
         launched.clear()
         run()
         return 1.0 if way_of(launched) == faster else 2.0

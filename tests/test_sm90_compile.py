@@ -137,3 +137,34 @@ def test_transformer_inference_kernels_compile_for_h100(monkeypatch):
     gelu = [k for k in compiled if k["name"] == "_linear_fused_kernel"]
     assert gelu and all(k["constants"]["EPILOGUE"] == 3 for k in gelu)
     assert any(k["warpgroup_mmas"] > 0 for k in gelu), "the large-row GEMM configurations use wgmma"
+
+
+@pytest.mark.parametrize("state_rows", [4, 32])
+def test_one_launch_loop_compiles_for_h100(state_rows, monkeypatch):
+    """The reverse DDPM steps in one launch (loop_kernels='one_launch') at mar_base's head with CFG,
+    8 and 64 net rows, every tuning candidate: one compiled kernel per candidate whatever the step
+    range (no step argument is specialised), no spills, PDL's wait before any memory
+    access, release-acquire atomics (barrier arrivals and split-K arrivals), L2 prefetches of the
+    next phase's weights, and 16-byte weight copies: the alignment hint on the per-block weight
+    pointers (read from a table) is what keeps them 16 bytes wide."""
+    head = base_head()
+    pack = packed_head(head.net)
+    pack.loop_kernels = "one_launch"
+    z = torch.randn(2 * state_rows, Z_CHANNELS, dtype=torch.bfloat16)
+    x = torch.randn(state_rows, CHANNELS).repeat(2, 1)
+    noise = torch.randn(3, state_rows, CHANNELS)
+    with record_launches(monkeypatch) as launches:
+        ddpm_sample_loop_fused(head.net, GaussianDiffusion(3), z, x, 1.0, 3.0, noise)
+    release_fused_cache(head.net)
+    loops = [launch for launch in launches if launch["name"] == "_ddpm_sample_loop_kernel"]
+    unaligned = {**loops[0], "kwargs": {**loops[0]["kwargs"], "WEIGHT_ALIGN": 1}}
+    compiled = check_compiles(loops + [unaligned])
+    assert len({(k["constants"]["BLOCK_K"], k["constants"]["SPLIT_K"]) for k in compiled}) >= 2
+    steps = {"step_hi", "step_lo", "modulation_step", "first_state"}
+    assert not any(steps & set(k["constants"]) for k in compiled)
+    check_waits_for_previous_grid(compiled)
+    for kernel in compiled:
+        assert kernel["constants"]["BLOCK_M"] == max(16, 2 * state_rows)
+        assert kernel["release_acquire_atomics"] >= 2 and kernel["l2_prefetches"] > 0, kernel["constants"]
+    aligned = next(k for k in compiled if k["constants"] == {**compiled[-1]["constants"], "WEIGHT_ALIGN": 8})
+    assert aligned["async_copies_16_bytes"] > compiled[-1]["async_copies_16_bytes"]

@@ -1,0 +1,295 @@
+"""The reverse DDPM steps in one launch (kernels/ddpm_sample_loop.py): against float64 and the
+launch chain, with its scratch buffers and the state it writes poisoned first.
+
+Under the CPU interpreter the launch is one program, which runs every work item of every phase
+(the grid barriers pass at once); the GPU tests (marked `gpu`) run the real grid of one program
+per SM, whose barriers only a GPU exercises.
+"""
+import types
+
+import pytest
+import torch
+
+from marfast.diffusion import GaussianDiffusion
+from marfast.fused_head import (_Workspace, _uses_one_launch, ddpm_sample_loop_fused, packed_head,
+                                release_fused_cache)
+from marfast import fused_head
+from marfast.kernels import ddpm_sample_loop as one_launch
+from marfast.kernels.ddpm_sample_loop import LoopWeights, barrier_timed_out, ddpm_sample_loop
+from marfast.kernels.linear_fused import SplitKWorkspace
+
+from test_fused_head import (CUDA, GPU_CLIP, GPU_TOLERANCE, RELEASED_HEADS, check_released_parity, fake_gpu_timings,
+                             loop_inputs, make_net, relative_error, run_both)
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def poisoned_workspaces(monkeypatch):
+    """Every loop workspace starts with NaN in its scratch buffers and in the state buffer the first
+    step writes."""
+    init = _Workspace.__init__
+
+    def poisoning_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for t in (self.residual_pair, self.hidden, self.stats, self.state_pair[1]):
+            t.fill_(float("nan"))
+
+    monkeypatch.setattr(_Workspace, "__init__", poisoning_init)
+
+
+def run_loop(net, steps, state_rows, cfg, temperature, clip, **pack_settings):
+    """`run_both` with these attributes set on the net's packed head, released afterwards."""
+    pack = packed_head(net)
+    for name, value in pack_settings.items():
+        setattr(pack, name, value)
+    try:
+        return run_both(net, steps, state_rows, cfg, temperature, clip, device=DEVICE)
+    finally:
+        release_fused_cache(net)
+
+
+def count_calls(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: (calls.append(name), original(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("width,depth,state_rows,cfg,temperature,clip,gemm_rows,launches", [
+    (40, 2, 7, 2.0, 1.0, None, 1024, 1),  # every step in one launch
+    (72, 3, 1, 3.0, 0.9, None, 2, 4),  # one step per launch: the state buffers alternate between launches
+    (200, 2, 33, 1.0, 0.0, (-1.0, 1.0), 70, 2),  # no CFG, 33 rows, two steps per launch
+    (40, 1, 5, 1.5, 1.0, (-2.0, 2.0), 30, 2),  # three steps, then one
+])
+def test_one_launch_loop_matches_float64(width, depth, state_rows, cfg, temperature, clip, gemm_rows, launches,
+                                         poisoned_workspaces, monkeypatch):
+    """Four steps of the loop with loop_kernels='one_launch', the modulation GEMM making a chunk of
+    steps at a time (`modulation_gemm_rows`): one launch per chunk and no launch of the chain's
+    kernels; the result equals the float64 reference and, within rounding, the launch chain."""
+    net = make_net(width, depth, seed=width + state_rows)
+    launched = count_calls(monkeypatch, fused_head, "ddpm_sample_loop")
+    chain_launches = count_calls(monkeypatch, fused_head, "input_projection")
+    fused, reference = run_loop(net, 4, state_rows, cfg, temperature, clip, loop_kernels="one_launch",
+                                modulation_gemm_rows=gemm_rows)
+    assert len(launched) == launches and not chain_launches
+    assert fused.dtype == torch.float32 and fused.shape == reference.shape
+    assert relative_error(fused[:state_rows], reference[:state_rows]) < 1e-5
+    if cfg != 1.0:
+        assert torch.equal(fused[state_rows:], fused[:state_rows])
+    chain, _ = run_loop(net, 4, state_rows, cfg, temperature, clip, loop_kernels="chain",
+                        modulation_gemm_rows=gemm_rows)
+    assert len(launched) == launches and chain_launches
+    assert relative_error(fused, chain.double()) < 1e-5
+
+
+def loop_workspace(net, state_rows, cfg, steps, seed=0):
+    """(pack, workspace, diffusion) with the inputs loaded and every step's modulations made, and
+    NaN in the scratch buffers and the state buffer the first step writes."""
+    diffusion, z, x, noise, _ = loop_inputs(steps, state_rows, cfg, net.in_channels, net.cond_embed.weight.shape[1],
+                                            seed)
+    pack = packed_head(net)
+    pack.modulation_gemm_rows = 4096
+    ws = _Workspace(pack, state_rows, cfg != 1.0, steps)
+    ws.load(z.to(DEVICE), x.to(DEVICE), noise.to(DEVICE), cfg, 1.0, None)
+    fused_head.linear(ws.z, pack.cond_weight, pack.cond_bias, ws.cond)
+    ws.modulate_steps(pack, pack.time_embeddings(diffusion), 0, steps - 1)
+    for t in (ws.residual_pair, ws.hidden, ws.stats, ws.state_pair[1]):
+        t.fill_(float("nan"))
+    return pack, ws, diffusion
+
+
+def launch(pack, ws, diffusion, first_state=0, hi=None, lo=0, **kwargs):
+    hi = diffusion.num_timesteps - 1 if hi is None else hi
+    return ddpm_sample_loop(pack.loop_weights(), ws.state_pair, first_state, hi, lo, ws.noise, ws.scalars,
+                            pack.coefficient_table(diffusion), ws.residual_pair, ws.hidden, ws.stats, ws.modulation,
+                            ws.sync, ws.split_k, use_cfg=ws.use_cfg, **kwargs)
+
+
+def test_launch_returns_the_state_buffer_it_wrote_and_leaves_its_counters_at_zero():
+    net = make_net(40, 2, seed=5)
+    pack, ws, diffusion = loop_workspace(net, 3, 2.0, 3)
+    x_t = ws.state_pair[0].clone()
+    assert launch(pack, ws, diffusion, hi=2, lo=2, modulation_step=0) == 1  # one step: buffer 0 -> buffer 1
+    assert torch.equal(ws.state_pair[0], x_t) and torch.isfinite(ws.state_pair[1]).all()
+    assert launch(pack, ws, diffusion, first_state=1, hi=1, lo=0, modulation_step=0) == 1  # two steps: 1 -> 0 -> 1
+    assert ws.sync.tolist() == [0, 0, 0]
+    assert torch.equal(ws.split_k.counters, torch.zeros_like(ws.split_k.counters))
+    stepped = ws.state_pair[1].clone()
+    pack2, ws2, _ = loop_workspace(net, 3, 2.0, 3)  # the same three steps in one launch
+    assert launch(pack2, ws2, diffusion) == 1
+    assert torch.equal(ws2.state_pair[1], stepped)
+
+
+def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(monkeypatch):
+    """A barrier whose arrivals never complete (the counter starts far below zero) stops waiting
+    after MAX_BARRIER_SPINS polls: the launch's result is NaN, the flag stays set (later launches on
+    the same sync give NaN too) and the arrival counters are back at zero; the fused loop raises."""
+    monkeypatch.setattr(one_launch, "MAX_BARRIER_SPINS", 3)
+    net = make_net(40, 1, seed=6)
+    pack, ws, diffusion = loop_workspace(net, 2, 1.0, 2)
+    ws.sync[0] = -1000
+    result = launch(pack, ws, diffusion)
+    assert torch.isnan(ws.state_pair[result]).all()
+    assert barrier_timed_out(ws.sync) and ws.sync[:2].tolist() == [0, 0]
+    ws.state_pair[0].normal_()  # two steps: from buffer 0 back to buffer 0
+    launch(pack, ws, diffusion)  # every barrier completes now, but the flag is sticky
+    assert torch.isnan(ws.state_pair[result]).all()
+    ws.sync.zero_()
+    ws.state_pair[0].normal_()
+    launch(pack, ws, diffusion)
+    assert torch.isfinite(ws.state_pair[result]).all()
+
+    poisoned_sync = lambda device: torch.tensor([0, 0, 1], dtype=torch.int32, device=device)  # noqa: E731
+    monkeypatch.setattr(fused_head, "new_sync", poisoned_sync)
+    pack.loop_kernels = "one_launch"
+    with pytest.raises(RuntimeError, match="timed out at a grid barrier"):
+        run_both(net, 2, 2, 1.0, 1.0, None, device=DEVICE)
+    release_fused_cache(net)
+
+
+def test_launcher_rejects_bad_input():
+    net = make_net(40, 2, seed=7)
+    pack, ws, diffusion = loop_workspace(net, 3, 2.0, 3)
+    weights = pack.loop_weights()
+    good = dict(weights=weights, states=ws.state_pair, first_state=0, step_hi=2, step_lo=0, noise=ws.noise,
+                scalars=ws.scalars, coefficients=pack.coefficient_table(diffusion), residuals=ws.residual_pair,
+                hidden=ws.hidden, stats=ws.stats, modulation=ws.modulation, sync=ws.sync, split_k=ws.split_k,
+                use_cfg=True)
+    bad = [
+        (dict(weights=pack), TypeError, "LoopWeights"),
+        (dict(states=ws.state_pair[0]), ValueError, r"states must be a \[2, S, C\]"),
+        (dict(states=torch.zeros(2, 40, 16), residuals=torch.zeros(2, 80, 40)), ValueError, "1 to 64 net rows"),
+        (dict(first_state=2), ValueError, "first_state"),
+        (dict(step_lo=3), ValueError, "step_lo <= step_hi"),
+        (dict(step_hi=3), ValueError, "coefficients must be"),
+        (dict(step_lo=1, modulation_step=2), ValueError, "modulation_step"),
+        (dict(modulation=ws.modulation[:2]), ValueError, "modulation must be"),
+        (dict(hidden=ws.hidden.double()), TypeError, "hidden"),
+        (dict(residuals=ws.residual_pair.half()), TypeError, "residuals"),
+        (dict(sync=ws.sync.long()), ValueError, "sync must be"),
+        (dict(split_k=None), ValueError, "SplitKWorkspace"),
+        (dict(split_k=SplitKWorkspace("meta")), ValueError, "split_k must be"),
+        (dict(scalars=ws.scalars[:3]), ValueError, "scalars"),
+    ]
+    for change, error, match in bad:
+        with pytest.raises(error, match=match):
+            ddpm_sample_loop(**{**good, **change})
+    blocks = [(b.ln_weight, b.ln_bias, b.fc1_weight, b.fc1_bias, b.fc2_weight, b.fc2_bias, b.ln_eps)
+              for b in pack.blocks]
+    args = (pack.input_weight, pack.input_bias)
+    tail = (pack.final_weight, pack.final_bias, 1e-6)
+    with pytest.raises(ValueError, match="every block's LayerNorm must be affine, or none"):
+        LoopWeights(*args, [blocks[0], (None, None) + blocks[1][2:]], *tail)
+    with pytest.raises(ValueError, match="share one eps"):
+        LoopWeights(*args, [blocks[0], blocks[1][:6] + (1e-5,)], *tail)
+    with pytest.raises(TypeError, match="fc2 weight"):
+        LoopWeights(*args, [blocks[0][:4] + (blocks[0][4].double(),) + blocks[0][5:]], *tail)
+    with pytest.raises(ValueError, match="at least one block"):
+        LoopWeights(*args, [], *tail)
+    release_fused_cache(net)
+
+
+def test_loop_kernels_setting(monkeypatch):
+    """'one_launch' beyond 64 net rows and unknown settings are errors; 'auto' runs the chain under
+    the interpreter (no GPU to time the two ways on)."""
+    net = make_net(40, 1, seed=8)
+    pack = packed_head(net)
+    pack.loop_kernels = "one_launch"
+    with pytest.raises(ValueError, match="at most 64 net rows"):
+        run_both(net, 2, 33, 2.0, 1.0, None, device=DEVICE)
+    pack.loop_kernels = "persistent"
+    with pytest.raises(ValueError, match="loop_kernels must be one of"):
+        run_both(net, 2, 3, 2.0, 1.0, None, device=DEVICE)
+    pack.loop_kernels = "auto"
+    launched = count_calls(monkeypatch, fused_head, "ddpm_sample_loop")
+    run_both(net, 2, 3, 2.0, 1.0, None, device=DEVICE)
+    assert not launched
+    release_fused_cache(net)
+
+
+@pytest.mark.parametrize("faster", ["chain", "one_launch"])
+def test_auto_times_both_ways_once_and_runs_the_faster(faster, monkeypatch, poisoned_workspaces):
+    """With the GPU configurations (timings faked under the interpreter), 'auto' times one step of
+    each way once per shape and runs the faster one for every chunk of steps; the loop's result
+    stays the reference's."""
+    launched = fake_gpu_timings(monkeypatch, ("_PROLOGUE_CHOICE", "_GEMM_WAY_CHOICE"), faster,
+                                lambda names: "one_launch" if "_ddpm_sample_loop_kernel" in names else "chain")
+    monkeypatch.setattr(fused_head, "_LOOP_CHOICE", {})
+    for module in (fused_head, one_launch):
+        monkeypatch.setattr(module, "gpu_configs", lambda device: True)
+    net = make_net(40, 2, seed=9)
+    fused, reference = run_loop(net, 3, 3, 2.0, 1.0, None, modulation_gemm_rows=12)  # two chunks
+    assert relative_error(fused[:3], reference[:3]) < 1e-5
+    assert list(fused_head._LOOP_CHOICE.values()) == [faster]
+    launched.clear()
+    run_loop(net, 3, 3, 2.0, 1.0, None, modulation_gemm_rows=12)
+    loop_launches = launched.count("_ddpm_sample_loop_kernel")
+    assert (loop_launches == 2 and "_final_layer_ddpm_step_kernel" not in launched if faster == "one_launch"
+            else loop_launches == 0 and launched.count("_final_layer_ddpm_step_kernel") == 3)
+
+
+def test_uses_one_launch_only_within_its_row_limit():
+    pack = types.SimpleNamespace(loop_kernels="auto", device=torch.device("cpu"))
+    few, many = types.SimpleNamespace(net_rows=64), types.SimpleNamespace(net_rows=65)
+    assert not _uses_one_launch(pack, few, False, None, None)  # no GPU
+    pack.loop_kernels = "one_launch"
+    assert _uses_one_launch(pack, few, False, None, None)
+    with pytest.raises(ValueError, match="at most 64 net rows"):
+        _uses_one_launch(pack, many, False, None, None)
+    pack.loop_kernels = "chain"
+    assert not _uses_one_launch(pack, few, False, None, None)
+
+
+# GPU: the real grid (one program per SM) and its barriers
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("preset", sorted(RELEASED_HEADS))
+@pytest.mark.parametrize("state_rows,cfg", [(4, 3.0), (50, 1.0)])
+def test_gpu_one_launch_parity_at_released_sizes(preset, dtype, state_rows, cfg, monkeypatch):
+    """The released-size parity test of the fused loop (fp32: 20 steps against float64; bf16/fp16:
+    one step against the eager loop's rounding) with every step in one launch per chunk, at 8 net
+    rows with CFG (16-row tiles, 4 warps) and 50 without (64-row tiles, 8 warps)."""
+    original = packed_head
+
+    def forcing(net):
+        pack = original(net)
+        pack.loop_kernels = "one_launch"
+        return pack
+
+    monkeypatch.setattr(fused_head, "packed_head", forcing)
+    check_released_parity(preset, dtype, state_rows, cfg)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("state_rows", [1, 5, 32])
+def test_gpu_one_launch_equals_chain_and_replays_exactly(state_rows):
+    """mar_base in bf16, 50 steps with CFG: the one-launch loop (eager and replayed from its CUDA
+    graph, 20 replays: a program reading another's output before a barrier completes would show
+    here as a difference) agrees with the launch chain within bf16 rounding, and no barrier timed out."""
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=3, dtype=torch.bfloat16, device="cuda")
+    diffusion = GaussianDiffusion(50)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    z = torch.randn(2 * state_rows, z_channels, device="cuda", generator=gen)
+    x = torch.randn(state_rows, 16, device="cuda", generator=gen).repeat(2, 1)
+    noise = torch.randn(50, state_rows, 16, device="cuda", generator=gen)
+    results = {}
+    for kernels in ("chain", "one_launch"):
+        release_fused_cache(net)
+        packed_head(net).loop_kernels = kernels
+        results[kernels] = [ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 3.0, noise, GPU_CLIP,
+                                                   use_cuda_graph=graph) for graph in (False, True)]
+    eager, first = results["one_launch"]
+    for _ in range(20):
+        assert torch.equal(ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 3.0, noise, GPU_CLIP), first)
+    graphs = packed_head(net).graphs
+    assert all(not barrier_timed_out(captured.workspace.sync) for captured in graphs.values())
+    assert relative_error(eager, first.double().cpu()) <= GPU_TOLERANCE[torch.bfloat16]
+    assert relative_error(first, results["chain"][1].double().cpu()) <= GPU_TOLERANCE[torch.bfloat16]
+    release_fused_cache(net)
