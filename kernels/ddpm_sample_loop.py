@@ -307,7 +307,7 @@ def barrier_timed_out(sync):
 def _candidates(net_rows, state_rows, width, channels, element_bytes, gpu, programs):
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, FINAL_BLOCK_K, FINAL_SPLIT) candidates, the last a
     fallback (see `_tuned_config`): K parts so that the GEMM phases have about `programs` work
-    items (the interpreter: two parts, to run the split code)."""
+    items, and one unsplit (the interpreter: two parts, to run the split code)."""
     tiles_n = triton.cdiv(width, 32)
     if not gpu:
         block_k = min(64, max(16, triton.next_power_of_2(width)))
@@ -316,12 +316,15 @@ def _candidates(net_rows, state_rows, width, channels, element_bytes, gpu, progr
     # 64-row tiles: 8 warps, and K steps of at most 64 (the LN-modulate prologue's three fp32 A tiles
     # spill registers with 128 on sm_90)
     warps, block_ks = (4, (128, 64, 32)) if net_rows <= 32 else (8, (64, 32, 16))
+    if element_bytes != 2:
+        block_ks = (32, 16)
+    final = (64, split_parts(triton.cdiv(width, 64), 16))
     candidates = []
-    for block_k in (block_ks if element_bytes == 2 else (32, 16)):  # the last: the fallback
+    for block_k in block_ks:  # the last: the fallback
         k_steps = triton.cdiv(width, block_k)
-        split = split_parts(k_steps, max(1, programs // tiles_n))
-        candidates.append((32, block_k, split, warps, 64, split_parts(triton.cdiv(width, 64), 16)))
-    return candidates
+        candidates.append((32, block_k, split_parts(k_steps, max(1, programs // tiles_n)), warps) + final)
+    # unsplit: fewer programs stream the weights, but an item needs no arrival and partial-sum round trips
+    return candidates[:1] + [(32, block_ks[0], 1, warps) + final] + candidates[1:]
 
 
 def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scalars, coefficients, residuals, hidden,

@@ -85,6 +85,16 @@ def test_one_launch_loop_matches_float64(width, depth, state_rows, cfg, temperat
     assert relative_error(fused, chain.double()) < 1e-5
 
 
+@pytest.mark.parametrize("config", [(32, 16, 1, 4, 16, 1), (64, 16, 3, 4, 32, 2)], ids=["unsplit", "split3"])
+def test_one_launch_loop_block_configurations(config, poisoned_workspaces, monkeypatch):
+    """The GPU's unsplit configuration (the block GEMMs and the final layer each over the whole
+    width) and a three-part split with 64-column tiles, against float64."""
+    monkeypatch.setattr(one_launch, "_candidates", lambda *args: [config])
+    net = make_net(72, 2, seed=10)
+    fused, reference = run_loop(net, 3, 5, 2.0, 1.0, None, loop_kernels="one_launch")
+    assert relative_error(fused[:5], reference[:5]) < 1e-5
+
+
 def loop_workspace(net, state_rows, cfg, steps, seed=0):
     """(pack, workspace, diffusion) with the inputs loaded and every step's modulations made, and
     NaN in the scratch buffers and the state buffer the first step writes."""
