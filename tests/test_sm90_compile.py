@@ -25,6 +25,22 @@ def base_head(backend="triton"):
     return DiffLoss(CHANNELS, Z_CHANNELS, DEPTH, WIDTH, num_sampling_steps="2", backend=backend).to(torch.bfloat16)
 
 
+def record_sampling_launches(monkeypatch, state_rows, steps, **pack_settings):
+    """The launches of the bf16 head's sampling loop with CFG at `state_rows`, these attributes set
+    on its packed head (see `record_launches`)."""
+    head = base_head()
+    pack = packed_head(head.net)
+    for name, value in pack_settings.items():
+        setattr(pack, name, value)
+    z = torch.randn(2 * state_rows, Z_CHANNELS, dtype=torch.bfloat16)
+    x = torch.randn(state_rows, CHANNELS).repeat(2, 1)
+    noise = torch.randn(steps, state_rows, CHANNELS)
+    with record_launches(monkeypatch) as launches:
+        ddpm_sample_loop_fused(head.net, GaussianDiffusion(steps), z, x, 1.0, 3.0, noise)
+    release_fused_cache(head.net)
+    return launches
+
+
 def check_compiles(launches):
     compiled = compile_for_h100(launches)
     for kernel in compiled:
@@ -55,15 +71,7 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     GEMM. Each is launched with PDL and waits for the previous kernel before its first global
     memory access. The final layer, and at few rows the GEMMs, load their epilogue operands before
     the K loop (no global load but the split-K partials follows the last matrix multiply)."""
-    head = base_head()
-    pack = packed_head(head.net)
-    pack.modulation_provider = "triton"
-    z = torch.randn(2 * state_rows, Z_CHANNELS, dtype=torch.bfloat16)
-    x = torch.randn(state_rows, CHANNELS).repeat(2, 1)
-    noise = torch.randn(2, state_rows, CHANNELS)
-    with record_launches(monkeypatch) as launches:
-        ddpm_sample_loop_fused(head.net, GaussianDiffusion(2), z, x, 1.0, 3.0, noise)
-    release_fused_cache(head.net)
+    launches = record_sampling_launches(monkeypatch, state_rows, 2, modulation_provider="triton")
     names = {launch["name"] for launch in launches}
     assert {"_linear_fused_kernel", "_ln_modulate_kernel", "_adaln_input_kernel", "_final_layer_ddpm_step_kernel"} <= names
     compiled = check_compiles(launches)
@@ -147,15 +155,7 @@ def test_one_launch_loop_compiles_for_h100(state_rows, monkeypatch):
     access, release-acquire atomics (barrier arrivals and split-K arrivals), L2 prefetches of the
     next phase's weights, and 16-byte weight copies: the alignment hint on the per-block weight
     pointers (read from a table) is what keeps them 16 bytes wide."""
-    head = base_head()
-    pack = packed_head(head.net)
-    pack.loop_kernels = "one_launch"
-    z = torch.randn(2 * state_rows, Z_CHANNELS, dtype=torch.bfloat16)
-    x = torch.randn(state_rows, CHANNELS).repeat(2, 1)
-    noise = torch.randn(3, state_rows, CHANNELS)
-    with record_launches(monkeypatch) as launches:
-        ddpm_sample_loop_fused(head.net, GaussianDiffusion(3), z, x, 1.0, 3.0, noise)
-    release_fused_cache(head.net)
+    launches = record_sampling_launches(monkeypatch, state_rows, 3, loop_kernels="one_launch")
     loops = [launch for launch in launches if launch["name"] == "_ddpm_sample_loop_kernel"]
     unaligned = {**loops[0], "kwargs": {**loops[0]["kwargs"], "WEIGHT_ALIGN": 1}}
     compiled = check_compiles(loops + [unaligned])
