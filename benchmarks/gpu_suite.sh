@@ -15,7 +15,9 @@
 #   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
 #   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
-#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace) and at 4096 rows, the
+#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace), the one-launch DDPM
+#                 loop's per-phase work and barrier times at 8 and 64 rows (benchmarks/phase_times.py,
+#                 profile-phase-times-*.json), head 6x1024 at 4096 rows, the
 #                 6x1024 training call at 65,536 rows fused and reference, mar_base batch 256 with
 #                 16 AR steps fused (where the transformer's time goes), mar_base batch 1 with
 #                 64 AR steps fused, without and with CUDA graphs of the transformer steps; writes
@@ -152,22 +154,23 @@ if [ "$PROFILE" = 1 ]; then
   PROFILE_END=$(( $(date +%s) + PROFILE_S ))
   PROFILE_LOG="$OUT_DIR/profile-$TAG.log"
   PROFILE_RC=0
-  profile_case() {  # NAME ARGS...: one python -m benchmarks.profile_kernels call within the profile step's time
-    local name="$1" left=$((PROFILE_END - $(date +%s)))
+  profile_case() {  # NAME ARGS...: one python -m $PROFILE_MODULE call (default benchmarks.profile_kernels)
+    local name="$1" left=$((PROFILE_END - $(date +%s))) module="${PROFILE_MODULE:-benchmarks.profile_kernels}"
     shift
     if [ "$left" -lt 30 ]; then
       say "profile $name: not run, ${left}s left of the profile step" | tee -a "$PROFILE_LOG"
       PROFILE_RC=1
       return
     fi
-    say "profile $name: python -m benchmarks.profile_kernels $* --out $OUT_DIR (limit ${left}s)" | tee -a "$PROFILE_LOG"
-    timeout -s INT -k 15 "$left" python3 -m benchmarks.profile_kernels "$@" --out "$OUT_DIR" 2>&1 | tee -a "$PROFILE_LOG"
+    say "profile $name: python -m $module $* --out $OUT_DIR (limit ${left}s)" | tee -a "$PROFILE_LOG"
+    timeout -s INT -k 15 "$left" python3 -m "$module" "$@" --out "$OUT_DIR" 2>&1 | tee -a "$PROFILE_LOG"
     local rc=${PIPESTATUS[0]}
     say "profile $name finished with exit code $rc" | tee -a "$PROFILE_LOG"
     left=$((PROFILE_END - $(date +%s)))
     case "$rc" in
       0|2|3|124|130|137) ;;  # done, bad options, fused path missing, time limit
-      *) if [ "$left" -ge 30 ]; then  # a crash: retry once with the profiler initialised before graph capture
+      *) if [ "$left" -ge 30 ] && [ "$module" = benchmarks.profile_kernels ]; then  # a crash: retry once with the
+           # profiler initialised before graph capture
            say "profile $name: retrying with --init-profiler-early (limit ${left}s)" | tee -a "$PROFILE_LOG"
            timeout -s INT -k 15 "$left" python3 -m benchmarks.profile_kernels "$@" --init-profiler-early \
              --out "$OUT_DIR" 2>&1 | tee -a "$PROFILE_LOG"
@@ -183,6 +186,8 @@ if [ "$PROFILE" = 1 ]; then
     profile_case training --case training --head tiny --provider reference --calls 1
   else  # most telling first: the few-row head loop, the many-row one, training, then MAR at batch 1
     profile_case head --case head --head 6x1024 --rows 8 --provider fused --trace
+    PROFILE_MODULE=benchmarks.phase_times profile_case phase-times --head 6x1024 --rows 8
+    PROFILE_MODULE=benchmarks.phase_times profile_case phase-times-64 --head 6x1024 --rows 64
     profile_case head-4096 --case head --head 6x1024 --rows 4096 --provider fused
     profile_case training --case training --head 6x1024 --provider fused
     profile_case training-reference --case training --head 6x1024 --provider reference

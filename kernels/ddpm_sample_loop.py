@@ -15,7 +15,9 @@ barrier (an arrival counter, release-acquire) separates consecutive phases. Befo
 barrier a program asks L2 for the weights of its items in the next phase. The DDPM state x never
 leaves the GPU between steps (two [S, C] fp32 buffers in L2, swapped every step); the weights are
 streamed once per step; the adaLN modulations of all the steps come from the modulation GEMM run
-before the launch (`fused_head`), read from `modulation` [K, R, (3D + 2) W] at step - lo.
+before the launch (`fused_head`), read from `modulation` [K, R, (3D + 2) W] at step minus the
+step of its first entry. The launcher tunes the block configuration (K parts, K step) on
+one-step launches, which read one state buffer and write the other, so reruns are harmless.
 
 Barrier safety: the programs must all be resident, so P is at most the number of SMs and every
 program fits an SM (one block per SM). A barrier wait that exceeds MAX_BARRIER_SPINS polls (about
@@ -47,12 +49,16 @@ ALIGN_BYTES = 16
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS: tl.constexpr):
+def _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS: tl.constexpr, TIMESTAMPS: tl.constexpr):
     """Wait until all num_programs programs have arrived here for the (generation + 1)-th time;
     returns generation + 1. A CTA barrier first, then one release-acquire arrival on sync[0] and
     acquire polls: every write a program made before the barrier is visible to every program
-    after it. A wait longer than MAX_SPINS polls gives up and sets the timeout flag sync[2]."""
+    after it. A wait longer than MAX_SPINS polls gives up and sets the timeout flag sync[2].
+    TIMESTAMPS: row generation + 1 of times [phases + 1, 2] gets the global time of the last
+    arrival (column 0) and of program 0's departure (column 1)."""
     tl.debug_barrier()
+    if TIMESTAMPS:
+        tl.atomic_max(times_ptr + 2 * (generation + 1), tl.extra.cuda.globaltimer(), sem="relaxed")
     target = (generation + 1) * num_programs
     arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel") + 1
     spins = 0
@@ -61,6 +67,8 @@ def _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS: tl.constexpr):
         spins += 1
     tl.store(sync_ptr + 2, 1, mask=arrived < target)
     tl.debug_barrier()
+    if TIMESTAMPS:
+        tl.store(times_ptr + 2 * (generation + 1) + 1, tl.extra.cuda.globaltimer(), mask=tl.program_id(0) == 0)
     return generation + 1
 
 
@@ -91,7 +99,7 @@ def _prefetch_phase_weights(weight_ptr, pid, num_programs, items, rows, width, k
 
 @triton.jit(do_not_specialize=["step_hi", "step_lo", "modulation_step", "first_state"])  # one compile per shape
 def _ddpm_sample_loop_kernel(
-    states_ptr, noise_ptr, scalars_ptr, coefficients_ptr, sync_ptr,
+    states_ptr, noise_ptr, scalars_ptr, coefficients_ptr, sync_ptr, times_ptr,
     input_weight_ptr, input_bias_ptr, weights_ptr, ln_ptr, offsets_ptr, final_weight_ptr, final_bias_ptr,
     residuals_ptr, hidden_ptr, stats_ptr, modulation_ptr, partials_ptr, counters_ptr,
     step_hi, step_lo, modulation_step, first_state, state_rows, net_rows, width, channels, depth, uncond_row_offset,
@@ -105,7 +113,7 @@ def _ddpm_sample_loop_kernel(
     BLOCK_C_IN: tl.constexpr, SPLIT_K: tl.constexpr, FINAL_BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     FINAL_BLOCK_K: tl.constexpr, FINAL_SPLIT: tl.constexpr, STATS_GROUP: tl.constexpr,
     STATS_CHUNK: tl.constexpr, FINAL_STATS_CHUNK: tl.constexpr, PREFETCH_K: tl.constexpr,
-    MAX_SPINS: tl.constexpr, PDL: tl.constexpr,
+    MAX_SPINS: tl.constexpr, TIMESTAMPS: tl.constexpr, PDL: tl.constexpr,
 ):
     """Steps step_hi .. step_lo of the reverse DDPM loop (see the module docstring); step s reads
     state buffer (first_state + step_hi - s) % 2 and writes the other."""
@@ -115,6 +123,8 @@ def _ddpm_sample_loop_kernel(
     gemm_items = tiles_n * SPLIT_K
     final_items = tl.cdiv(state_rows, FINAL_BLOCK_M) * FINAL_SPLIT
     wait_for_previous_grid(PDL)
+    if TIMESTAMPS:  # the launch's start: row 0, column 1
+        tl.store(times_ptr + 1, tl.extra.cuda.globaltimer(), mask=pid == 0)
     generation = 0
     for step in range(step_hi, step_lo - 1, -1):
         current = (first_state + step_hi - step) % 2
@@ -133,7 +143,7 @@ def _ddpm_sample_loop_kernel(
                 0, 0, True, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C_IN, STATS_GROUP, STATS_CHUNK, 1, True)
         _prefetch_phase_weights(weights_ptr, pid, num_programs, gemm_items, net_rows, width, k_split_len, stride_wk,
                                 stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)  # block 0's fc1
-        generation = _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS)
+        generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
 
         for block in range(depth):
             residual = residuals_ptr + (block % 2) * stride_residual
@@ -160,7 +170,7 @@ def _ddpm_sample_loop_kernel(
                     SPLIT_K, True)
             _prefetch_phase_weights(fc2_weight, pid, num_programs, gemm_items, net_rows, width, k_split_len, stride_wk,
                                     stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)
-            generation = _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS)
+            generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
 
             for item in range(pid, gemm_items, num_programs):  # residual_out = residual + gate * (hidden @ fc2^T + b)
                 tile, split, k_begin, k_end, pid_n, rows, row_ok, cols, col_ok = gemm_item_coords(
@@ -176,7 +186,7 @@ def _ddpm_sample_loop_kernel(
                 next_fc1 = _block_pointer(offsets_ptr, 0, block + 1, depth, weights_ptr, WEIGHT_ALIGN)
                 _prefetch_phase_weights(next_fc1, pid, num_programs, gemm_items, net_rows, width, k_split_len,
                                         stride_wk, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)
-            generation = _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS)
+            generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
 
         coefficients = coefficients_ptr + step * 6
         final_mod = mod + 3 * depth * width
@@ -194,7 +204,7 @@ def _ddpm_sample_loop_kernel(
                 tl.load(coefficients + 3), tl.load(coefficients + 4), tl.load(coefficients + 5), final_ln_eps,
                 step > 0, USE_CFG, CLIP_X0, DOT_PRECISION, FINAL_BLOCK_M, BLOCK_C, FINAL_BLOCK_K, STATS_GROUP,
                 FINAL_STATS_CHUNK, FINAL_SPLIT)
-        generation = _grid_barrier(sync_ptr, generation, num_programs, MAX_SPINS)
+        generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
 
     # the last program out resets the counters for the next launch; after a barrier timeout it
     # overwrites the launch's result with NaN
@@ -293,6 +303,26 @@ def new_sync(device):
     return torch.zeros(3, dtype=torch.int32, device=device)
 
 
+def phases_per_step(depth):
+    """Phases of one DDPM step: the input projection, fc1 and fc2 of each block, the final layer."""
+    return 2 * depth + 2
+
+
+def phase_spans(phase_times, depth):
+    """From a `ddpm_sample_loop` launch's phase_times: {phase name: [(work_ns, barrier_ns), ...]}
+    over the launch's steps, phase names "input_projection", "fc1", "fc2", "final_layer" (the
+    blocks' phases pooled). work: from program 0 leaving the previous barrier (or starting) to
+    the last arrival at this phase's barrier; barrier: from that arrival to program 0 leaving."""
+    rows = phase_times.tolist()
+    per_step = phases_per_step(depth)
+    names = ["input_projection"] + ["fc1", "fc2"] * depth + ["final_layer"]
+    spans = {name: [] for name in ("input_projection", "fc1", "fc2", "final_layer")}
+    for phase in range(1, len(rows)):
+        arrival, departure = rows[phase]
+        spans[names[(phase - 1) % per_step]].append((arrival - rows[phase - 1][1], departure - arrival))
+    return spans
+
+
 def resident_programs(device):
     """How many programs of the one-launch loop may run at once on `device` (one per SM on CUDA;
     the interpreter runs one)."""
@@ -328,7 +358,8 @@ def _candidates(net_rows, state_rows, width, channels, element_bytes, gpu, progr
 
 
 def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scalars, coefficients, residuals, hidden,
-                     stats, modulation, sync, split_k, *, use_cfg, clip_x0=False, modulation_step=None):
+                     stats, modulation, sync, split_k, *, use_cfg, clip_x0=False, modulation_step=None,
+                     phase_times=None):
     """Run reverse DDPM steps step_hi, step_hi - 1, ..., step_lo in one launch; returns the state
     buffer index holding x after step_lo ((first_state + number of steps) % 2).
 
@@ -340,7 +371,10 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
     modulations of steps m .. m + K - 1, m = modulation_step (default step_lo; m <= step_lo and
     K > step_hi - m); sync: `new_sync`
     (see the module docstring); split_k: a `SplitKWorkspace`. R = 2S with CFG (row r + S is the
-    unconditional twin of row r), else S; R <= MAX_ROWS.
+    unconditional twin of row r), else S; R <= MAX_ROWS. phase_times (CUDA only: the interpreter
+    has no global timer): int64 [(step_hi - step_lo + 1) * phases_per_step(D) + 1, 2], zeros, to
+    record when each phase's barrier saw its last arrival and when program 0 left it, in
+    nanoseconds (row 0: program 0's start; see `phase_spans`).
     """
     if not isinstance(weights, LoopWeights):
         raise TypeError(f"weights must be LoopWeights, got {type(weights).__name__}")
@@ -369,8 +403,6 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
         raise ValueError(f"noise must be fp32 [{steps_total}, {state_rows}, {channels}], got "
                          f"{tuple(getattr(noise, 'shape', ()))}")
     _check_matrix("noise[0]", noise[0], state_rows, channels, device, f32)
-    if noise.stride(1) != states.stride(1):
-        raise ValueError("noise and states must share their row stride")
     if not isinstance(scalars, torch.Tensor) or scalars.dtype != torch.float32 or tuple(scalars.shape) != (4,) \
             or scalars.device != device or not scalars.is_contiguous():
         raise ValueError(f"scalars must be a contiguous float32 tensor [4] {SCALARS} on {device}")
@@ -395,6 +427,14 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
     check_split_k(split_k, device)
     if split_k is None:
         raise ValueError("ddpm_sample_loop needs a SplitKWorkspace")
+    if phase_times is not None:
+        expected = ((step_hi - step_lo + 1) * phases_per_step(depth) + 1, 2)
+        if device.type != "cuda":
+            raise ValueError("phase_times needs a CUDA device (the Triton interpreter has no global timer)")
+        if not isinstance(phase_times, torch.Tensor) or phase_times.dtype != torch.int64 \
+                or tuple(phase_times.shape) != expected or phase_times.device != device \
+                or not phase_times.is_contiguous():
+            raise ValueError(f"phase_times must be a contiguous int64 tensor {expected} on {device}")
 
     gpu = gpu_configs(device)
     programs = resident_programs(device)
@@ -425,7 +465,7 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
         FINAL_STATS_CHUNK=stats_chunk(width, 2 * final_block_m if use_cfg else final_block_m),
         MAX_SPINS=MAX_BARRIER_SPINS, **pdl)
 
-    def run(config, hi=step_hi, lo=step_lo):
+    def run(config, hi=step_hi, lo=step_lo, times=None):
         block_n, block_k, split, warps, final_k, final_split = config
         gemm_tiles = triton.cdiv(width, block_n)
         final_tiles = triton.cdiv(state_rows, final_block_m)
@@ -434,7 +474,8 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
         grid = min(programs, max(gemm_tiles * split, final_tiles * final_split))
         prefetch_k = min(block_k, 128 // weights.base.element_size()) if pdl["PDL"] else 0
         _ddpm_sample_loop_kernel[(grid,)](
-            **args, partials_ptr=split_k.partials, counters_ptr=split_k.counters, step_hi=hi, step_lo=lo,
+            **args, times_ptr=sync if times is None else times, TIMESTAMPS=times is not None,
+            partials_ptr=split_k.partials, counters_ptr=split_k.counters, step_hi=hi, step_lo=lo,
             modulation_step=modulation_step, first_state=first_state, k_split_len=split_length(width, block_k, split),
             final_k_split_len=split_length(width, final_k, final_split), BLOCK_N=block_n, BLOCK_K=block_k,
             SPLIT_K=split, FINAL_BLOCK_K=final_k, FINAL_SPLIT=final_split, PREFETCH_K=prefetch_k,
@@ -445,5 +486,5 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
            dot_precision(weights.dtype), str(device))
     # tuned on one-step launches (x_t is read from one buffer and x_{t-1} written to the other: repeatable)
     config = _tuned_config(key, candidates, lambda c: run(c, step_hi, step_hi), "ddpm_sample_loop")
-    run(config)
+    run(config, times=phase_times)
     return (first_state + step_hi - step_lo + 1) % 2

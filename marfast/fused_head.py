@@ -69,7 +69,8 @@ from .diffloss import as_cfg_scale, check_temperature
 from .diffusion import GaussianDiffusion, timestep_embedding
 from .kernels.adaln_input import adaln_input
 from .kernels.ddpm_sample_loop import MAX_ROWS as ONE_LAUNCH_MAX_ROWS
-from .kernels.ddpm_sample_loop import LoopWeights, barrier_timed_out, coefficient_table, ddpm_sample_loop, new_sync
+from .kernels.ddpm_sample_loop import (LoopWeights, barrier_timed_out, coefficient_table, ddpm_sample_loop, new_sync,
+                                       phases_per_step)
 from .kernels.ddpm_step import final_layer_ddpm_step, step_coefficients
 from .kernels.linear_fused import (WEIGHT_DTYPES, SplitKWorkspace, fastest_way, gpu_configs, input_projection,
                                    interpreting, linear, linear_gated_residual, linear_ln_modulate_silu,
@@ -343,11 +344,13 @@ def _chain_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip):
     return current
 
 
-def _one_launch_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip):
-    """Steps hi .. lo in one launch (`ddpm_sample_loop`); arguments and result as `_chain_steps`."""
+def _one_launch_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip, phase_times=None):
+    """Steps hi .. lo in one launch (`ddpm_sample_loop`, which describes phase_times); arguments and
+    result as `_chain_steps`."""
     return ddpm_sample_loop(pack.loop_weights(), ws.state_pair, current, hi, lo, ws.noise, ws.scalars,
                             pack.coefficient_table(diffusion), ws.residual_pair, ws.hidden, ws.stats, ws.modulation,
-                            ws.sync, ws.split_k, use_cfg=ws.use_cfg, clip_x0=clip, modulation_step=mod_step)
+                            ws.sync, ws.split_k, use_cfg=ws.use_cfg, clip_x0=clip, modulation_step=mod_step,
+                            phase_times=phase_times)
 
 
 def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step):
@@ -374,8 +377,11 @@ def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step):
                        queue_cycles=LOOP_CHOICE_QUEUE_CYCLES) == "one_launch"
 
 
-def _launch_loop(pack, ws, diffusion, clip):
-    """Launch the whole sampling loop on ws's buffers; returns the state buffer holding x_0."""
+def _launch_loop(pack, ws, diffusion, clip, phase_times=None):
+    """Launch the whole sampling loop on ws's buffers; returns the state buffer holding x_0.
+
+    phase_times (eager runs on CUDA, for profiling): a list to which every one-launch chunk of
+    steps appends (hi, lo, its phase times: see `ddpm_sample_loop`)."""
     time_embeddings = pack.time_embeddings(diffusion)
     linear(ws.z, pack.cond_weight, pack.cond_bias, ws.cond)
     current = 0
@@ -387,7 +393,13 @@ def _launch_loop(pack, ws, diffusion, clip):
 
         one_launch = _uses_one_launch(pack, ws, clip, lambda: run(_chain_steps, hi, hi),
                                       lambda: run(_one_launch_steps, hi, hi))
-        current = run(_one_launch_steps if one_launch else _chain_steps, hi, lo)
+        if one_launch and phase_times is not None:
+            times = torch.zeros((hi - lo + 1) * phases_per_step(pack.depth) + 1, 2, dtype=torch.int64,
+                                device=pack.device)
+            phase_times.append((hi, lo, times))
+            current = _one_launch_steps(pack, ws, diffusion, lo, hi, lo, current, clip, times)
+        else:
+            current = run(_one_launch_steps if one_launch else _chain_steps, hi, lo)
     return ws.states[current]
 
 

@@ -182,3 +182,23 @@ def test_print_table_lists_the_timed_choices(tmp_path, capsys):
     assert "GEMM (bias + SiLU epilogue) [16, 1024]: (16, 32, 128, 4, 4) 0.0110 ms; (16, 64, 64, 4, 4) 0.0130 ms, " \
            "(64, 64, 32, 4, 2) did not run" in out
     assert "the modulation GEMM [(1024, 1024)]: cublas 0.0200 ms; triton 0.0300 ms" in out
+
+
+def test_phase_times_tool_summarises_work_and_barriers_and_needs_cuda(tmp_path, capsys):
+    """benchmarks.phase_times: per phase kind the work and barrier medians and means, and their
+    per-step sums (one block: one fc1 and one fc2 per step); on the CPU it exits with status 3
+    (no global timer), and odd or too many rows are refused."""
+    from benchmarks import phase_times
+
+    times = torch.tensor([[0, 0]] + [[1000 * p + 600, 1000 * p + 1000] for p in range(1, 9)])  # two steps, depth 1
+    phases, step = phase_times.summarise([(1, 0, times)], depth=1)
+    assert phases["fc1"] == {"count": 2, "work_us": {"median": 0.6, "mean": 0.6},
+                             "barrier_us": {"median": 0.4, "mean": 0.4}}
+    assert phases["input_projection"]["work_us"]["median"] == pytest.approx(1.1)  # 1.6 us from the start, then 0.6
+    assert step == {"work_us": pytest.approx(1.1 + 3 * 0.6), "barrier_us": pytest.approx(4 * 0.4)}
+    if not torch.cuda.is_available():
+        assert phase_times.main(["--out", str(tmp_path)]) == 3
+        assert "global timer" in capsys.readouterr().err
+    for rows in ("7", "66"):
+        with pytest.raises(SystemExit):
+            phase_times.parse_args(["--rows", rows, "--out", str(tmp_path)])

@@ -183,6 +183,7 @@ def test_launcher_rejects_bad_input():
         (dict(split_k=None), ValueError, "SplitKWorkspace"),
         (dict(split_k=SplitKWorkspace("meta")), ValueError, "split_k must be"),
         (dict(scalars=ws.scalars[:3]), ValueError, "scalars"),
+        (dict(phase_times=torch.zeros(19, 2, dtype=torch.int64)), ValueError, "needs a CUDA device"),
     ]
     for change, error, match in bad:
         with pytest.raises(error, match=match):
@@ -200,6 +201,16 @@ def test_launcher_rejects_bad_input():
     with pytest.raises(ValueError, match="at least one block"):
         LoopWeights(*args, [], *tail)
     release_fused_cache(net)
+
+
+def test_phase_spans_split_each_phase_into_work_and_barrier():
+    """Depth 1 (4 phases per step), two steps: row 0 is the start, row p the last arrival at phase
+    p's barrier and program 0's departure from it."""
+    times = torch.tensor([[0, 90]] + [[100 + 10 * p + 7, 100 + 10 * p + 10] for p in range(1, 9)])
+    spans = one_launch.phase_spans(times, 1)
+    assert spans == {"input_projection": [(27, 3), (7, 3)], "fc1": [(7, 3)] * 2, "fc2": [(7, 3)] * 2,
+                     "final_layer": [(7, 3)] * 2}
+    assert one_launch.phases_per_step(6) == 14
 
 
 def test_loop_kernels_setting(monkeypatch):
@@ -305,4 +316,25 @@ def test_gpu_one_launch_equals_chain_and_replays_exactly(state_rows):
     assert all(not barrier_timed_out(captured.workspace.sync) for captured in graphs.values())
     assert relative_error(eager, first.double().cpu()) <= GPU_TOLERANCE[torch.bfloat16]
     assert relative_error(first, results["chain"][1].double().cpu()) <= GPU_TOLERANCE[torch.bfloat16]
+    release_fused_cache(net)
+
+
+@gpu
+@needs_cuda
+def test_gpu_phase_times_are_ordered_and_change_no_result():
+    """mar_base in bf16 at 4 state rows with CFG, three steps in one launch with phase_times: every
+    barrier's last arrival comes after program 0 left the previous one and before it leaves this
+    one; the result is bitwise the launch's without timestamps."""
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=4, dtype=torch.bfloat16, device="cuda")
+    outs = []
+    for record in (False, True):
+        pack, ws, diffusion = loop_workspace(net, 4, 3.0, 3)
+        times = torch.zeros(3 * one_launch.phases_per_step(depth) + 1, 2, dtype=torch.int64, device="cuda")
+        result = launch(pack, ws, diffusion, phase_times=times if record else None)
+        outs.append(ws.state_pair[result].clone())
+        assert not barrier_timed_out(ws.sync)
+    rows = times.tolist()
+    assert all(rows[p - 1][1] <= rows[p][0] <= rows[p][1] for p in range(1, len(rows)))
+    assert torch.equal(outs[0], outs[1])
     release_fused_cache(net)

@@ -154,11 +154,15 @@ def test_one_launch_loop_compiles_for_h100(state_rows, monkeypatch):
     range (no step argument is specialised), no spills, PDL's wait before any memory
     access, release-acquire atomics (barrier arrivals and split-K arrivals), L2 prefetches of the
     next phase's weights, and 16-byte weight copies: the alignment hint on the per-block weight
-    pointers (read from a table) is what keeps them 16 bytes wide."""
+    pointers (read from a table) is what keeps them 16 bytes wide. The variant recording phase
+    times (profiling only) compiles without spills too."""
     launches = record_sampling_launches(monkeypatch, state_rows, 3, loop_kernels="one_launch")
     loops = [launch for launch in launches if launch["name"] == "_ddpm_sample_loop_kernel"]
+    assert not any(launch["kwargs"]["TIMESTAMPS"] for launch in loops)
     unaligned = {**loops[0], "kwargs": {**loops[0]["kwargs"], "WEIGHT_ALIGN": 1}}
-    compiled = check_compiles(loops + [unaligned])
+    timed = {**loops[0], "kwargs": {**loops[0]["kwargs"], "TIMESTAMPS": True,
+                                    "times_ptr": {"tensor": "int64", "aligned": True}}}
+    *compiled, _ = check_compiles(loops + [unaligned, timed])  # the phase_times variant: compiled and checked only
     assert len({(k["constants"]["BLOCK_K"], k["constants"]["SPLIT_K"]) for k in compiled}) >= 2
     steps = {"step_hi", "step_lo", "modulation_step", "first_state"}
     assert not any(steps & set(k["constants"]) for k in compiled)
