@@ -1,6 +1,7 @@
 """The diffusion head's final layer fused with one reverse DDPM step: x_t -> x_{t-1}.
 
-For state rows r in [0, B) (one program per BLOCK_M rows), in fp32:
+For state rows r in [0, B) (one program per BLOCK_M rows: `final_layer_ddpm_item`, which the
+one-launch DDPM loop of ddpm_sample_loop.py runs too), in fp32:
 
     a_c   = modulate(LayerNorm(h[r]), shift[r], scale[r])          (parameter-free LN, eps 1e-6)
     eps_c = a_c @ W[:C]^T + b[:C];   v = a_c @ W[C:2C]^T + b[C:2C]  (final linear, 2C outputs)

@@ -1,6 +1,8 @@
 """Fused GEMM of the diffusion head's sampling path: out = epilogue(prologue(A) @ W^T + b).
 
-One Triton kernel, `_linear_fused_kernel`, with constexpr-selected stages:
+One Triton kernel, `_linear_fused_kernel`, with constexpr-selected stages; each program runs one
+work item (an output tile, or a K part of one: `gemm_item_coords`, `linear_fused_item`, which the
+one-launch DDPM loop of ddpm_sample_loop.py runs too):
 
 prologue on A [M, K] (applied to each [BLOCK_M, BLOCK_K] tile in registers before the dot):
   NONE        A as stored (any float dtype), cast to the weight dtype;

@@ -110,9 +110,11 @@ class PackedHead:
     ada_weight [(3D + 2) W, W] is the concatenation of the adaLN linears of all blocks (shift,
     scale, gate each) and of the final layer (shift, scale); biases used only by Triton epilogues
     are fp32 copies; GEMM weights and the blocks' MLP biases (also read by the cuBLAS ways of the
-    block launchers, and exactly representable either way) are the parameters themselves (no copy). modulation_provider:
-    "auto", "cublas" or "triton" (see `modulation_gemm`); modulation_gemm_rows: the row count the
-    step-batched modulation GEMM aims at (see `modulation_steps_per_gemm`).
+    block launchers, and exactly representable either way) are the parameters themselves (no
+    copy). Settings: modulation_provider, "auto", "cublas" or "triton" (see `modulation_gemm`);
+    modulation_gemm_rows, the row count the step-batched modulation GEMM aims at (see
+    `modulation_steps_per_gemm`); loop_kernels, "auto", "chain" or "one_launch" (see
+    `_uses_one_launch`).
     """
 
     def __init__(self, net, signature):
@@ -388,18 +390,17 @@ def _launch_loop(pack, ws, diffusion, clip, phase_times=None):
     for lo, hi in modulation_chunks(diffusion.num_timesteps, ws.steps_per_gemm):
         ws.modulate_steps(pack, time_embeddings, lo, hi)
 
-        def run(way, first, last, start=current, mod_step=lo):
-            return way(pack, ws, diffusion, mod_step, first, last, start, clip)
+        def run(way, first, last, start=current, mod_step=lo, **options):
+            return way(pack, ws, diffusion, mod_step, first, last, start, clip, **options)
 
         one_launch = _uses_one_launch(pack, ws, clip, lambda: run(_chain_steps, hi, hi),
                                       lambda: run(_one_launch_steps, hi, hi))
+        options = {}
         if one_launch and phase_times is not None:
-            times = torch.zeros((hi - lo + 1) * phases_per_step(pack.depth) + 1, 2, dtype=torch.int64,
-                                device=pack.device)
-            phase_times.append((hi, lo, times))
-            current = _one_launch_steps(pack, ws, diffusion, lo, hi, lo, current, clip, times)
-        else:
-            current = run(_one_launch_steps if one_launch else _chain_steps, hi, lo)
+            options["phase_times"] = torch.zeros((hi - lo + 1) * phases_per_step(pack.depth) + 1, 2,
+                                                 dtype=torch.int64, device=pack.device)
+            phase_times.append((hi, lo, options["phase_times"]))
+        current = run(_one_launch_steps if one_launch else _chain_steps, hi, lo, **options)
     return ws.states[current]
 
 
