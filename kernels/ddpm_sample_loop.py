@@ -334,7 +334,7 @@ def barrier_timed_out(sync):
     return bool(sync[2].item())
 
 
-def _candidates(net_rows, state_rows, width, channels, element_bytes, gpu, programs):
+def _candidates(net_rows, width, element_bytes, gpu, programs):
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, FINAL_BLOCK_K, FINAL_SPLIT) candidates, the last a
     fallback (see `_tuned_config`): K parts so that the GEMM phases have about `programs` work
     items, and one unsplit (the interpreter: two parts, to run the split code)."""
@@ -369,12 +369,11 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
     residuals: fp32 [2, R, W] and hidden [R, W] (weight dtype): scratch; stats: fp32
     stats_shape(R, W) scratch; modulation: [K, R, (3D + 2) W] (weight dtype), the adaLN
     modulations of steps m .. m + K - 1, m = modulation_step (default step_lo; m <= step_lo and
-    K > step_hi - m); sync: `new_sync`
-    (see the module docstring); split_k: a `SplitKWorkspace`. R = 2S with CFG (row r + S is the
-    unconditional twin of row r), else S; R <= MAX_ROWS. phase_times (CUDA only: the interpreter
-    has no global timer): int64 [(step_hi - step_lo + 1) * phases_per_step(D) + 1, 2], zeros, to
-    record when each phase's barrier saw its last arrival and when program 0 left it, in
-    nanoseconds (row 0: program 0's start; see `phase_spans`).
+    K > step_hi - m); sync: `new_sync` (see the module docstring); split_k: a `SplitKWorkspace`.
+    R = 2S with CFG (row r + S is the unconditional twin of row r), else S; R <= MAX_ROWS.
+    phase_times (CUDA only: the interpreter has no global timer): int64 [(step_hi - step_lo + 1)
+    * phases_per_step(D) + 1, 2], zeros, to record when each phase's barrier saw its last arrival
+    and when program 0 left it, in nanoseconds (row 0: program 0's start; see `phase_spans`).
     """
     if not isinstance(weights, LoopWeights):
         raise TypeError(f"weights must be LoopWeights, got {type(weights).__name__}")
@@ -481,7 +480,7 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
             SPLIT_K=split, FINAL_BLOCK_K=final_k, FINAL_SPLIT=final_split, PREFETCH_K=prefetch_k,
             num_warps=warps, num_stages=2)
 
-    candidates = _candidates(net_rows, state_rows, width, channels, weights.base.element_size(), gpu, programs)
+    candidates = _candidates(net_rows, width, weights.base.element_size(), gpu, programs)
     key = ("ddpm_sample_loop", net_rows, use_cfg, bool(clip_x0), width, channels, depth, weights.dtype,
            dot_precision(weights.dtype), str(device))
     # tuned on one-step launches (x_t is read from one buffer and x_{t-1} written to the other: repeatable)

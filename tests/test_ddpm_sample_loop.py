@@ -95,6 +95,19 @@ def test_one_launch_loop_block_configurations(config, poisoned_workspaces, monke
     assert relative_error(fused[:5], reference[:5]) < 1e-5
 
 
+def test_gpu_candidates_give_every_sm_an_item_and_cap_the_k_step_at_64_rows():
+    """mar_base's width on 132 SMs: 32 column tiles x 4 K parts (and one unsplit candidate); 64-row
+    tiles take 8 warps and K steps of at most 64; fp32 weights take K steps of 32 and 16; the final
+    layer splits the width in 16. The last candidate is the fallback."""
+    final = (64, 16)
+    assert one_launch._candidates(8, 1024, 2, True, 132) == [
+        (32, 128, 4, 4) + final, (32, 128, 1, 4) + final, (32, 64, 4, 4) + final, (32, 32, 4, 4) + final]
+    assert one_launch._candidates(64, 1024, 2, True, 132) == [
+        (32, 64, 4, 8) + final, (32, 64, 1, 8) + final, (32, 32, 4, 8) + final, (32, 16, 4, 8) + final]
+    assert [c[1] for c in one_launch._candidates(8, 1024, 4, True, 132)] == [32, 32, 16]
+    assert one_launch._candidates(8, 40, 4, False, 1) == [(32, 64, 1, 4, 64, 1)]
+
+
 def loop_workspace(net, state_rows, cfg, steps, seed=0):
     """(pack, workspace, diffusion) with the inputs loaded and every step's modulations made, and
     NaN in the scratch buffers and the state buffer the first step writes."""
