@@ -15,7 +15,8 @@
 #   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
 #   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
-#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace), the one-launch DDPM
+#                 limit): head 6x1024 at 8 rows fused (with its Chrome trace; also with the launch
+#                 chain forced, --loop-kernels chain), the one-launch DDPM
 #                 loop's per-phase work and barrier times at 8 and 64 rows (benchmarks/phase_times.py,
 #                 profile-phase-times-*.json), head 6x1024 at 4096 rows, the
 #                 6x1024 training call at 65,536 rows fused and reference, mar_base batch 256 with
@@ -186,6 +187,7 @@ if [ "$PROFILE" = 1 ]; then
     profile_case training --case training --head tiny --provider reference --calls 1
   else  # most telling first: the few-row head loop, the many-row one, training, then MAR at batch 1
     profile_case head --case head --head 6x1024 --rows 8 --provider fused --trace
+    profile_case head-chain --case head --head 6x1024 --rows 8 --provider fused --loop-kernels chain
     PROFILE_MODULE=benchmarks.phase_times profile_case phase-times --head 6x1024 --rows 8
     PROFILE_MODULE=benchmarks.phase_times profile_case phase-times-64 --head 6x1024 --rows 64
     profile_case head-4096 --case head --head 6x1024 --rows 4096 --provider fused

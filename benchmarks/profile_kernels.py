@@ -18,7 +18,9 @@ dtypes and CFG scales as the benchmarks):
 Providers: `fused` (head: `DiffLoss(backend="triton").sample`; mar: `MAR.sample_tokens_fast` with
 the fused head; training: `DiffLoss(backend="triton")`, marfast.fused_training), `reference` (the
 plain-PyTorch loops and modules with the reference head) and, for training only, `compile`
-(`torch.compile` of the reference denoiser). On the CPU only
+(`torch.compile` of the reference denoiser); for the fused head and mar cases `--loop-kernels
+chain|one_launch|auto` sets how the fused head runs its DDPM steps (`marfast.fused_head`: a launch
+chain, one launch per modulation chunk at up to 64 rows, or the faster of the two). On the CPU only
 `--head tiny` with `--provider reference` is accepted (the Triton interpreter is a correctness tool,
 not something to profile); anything else exits with status 2 and says why.
 
@@ -55,6 +57,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from marfast.fused_head import LOOP_KERNELS, packed_head
 from marfast.mar import set_norm_backend
 from marfast.sampler import CUDA_GRAPHS_ENV_VAR, cuda_graphs_requested
 
@@ -125,6 +128,7 @@ def build_head_case(args, device):
         reason = fused_head_absence(head, spec.z_channels, device, dtype, HEAD_CFG)
         if reason:
             raise CaseUnavailable(reason)
+        packed_head(head.net).loop_kernels = args.loop_kernels
     z = torch.randn(args.rows, spec.z_channels, device=device, dtype=dtype,
                     generator=torch.Generator(device=device).manual_seed(args.rows))
     steps = head.num_sampling_steps
@@ -132,7 +136,7 @@ def build_head_case(args, device):
     params = {"head": spec.name, "depth": spec.depth, "width": spec.width, "z_channels": spec.z_channels,
               "channels": spec.channels, "rows": args.rows, "tokens": args.rows // 2, "ddpm_steps": steps,
               "cfg": HEAD_CFG, "weight_dtype": str(dtype).replace("torch.", ""), "state_dtype": "float32",
-              "provider": args.provider,
+              "provider": args.provider, "loop_kernels": args.loop_kernels if fused else None,
               "call": "DiffLoss(backend='triton').sample" if fused else "DiffLoss(backend='torch').sample"}
     graphs = {"used": fused and device.type == "cuda",
               "detail": "the fused loop replays one CUDA graph of all DDPM steps per row bucket "
@@ -155,7 +159,8 @@ def build_head_case(args, device):
             "wall_us_per_step_unprofiled": wall_us,
             "wall_over_floor": wall_us / floor_us}}
 
-    label = f"head-{spec.name}-rows{args.rows}-{args.provider}"
+    label = f"head-{spec.name}-rows{args.rows}-{args.provider}" + (
+        f"-{args.loop_kernels}" if fused and args.loop_kernels != "auto" else "")
     return ProfileCase("head", label, params, lambda: head.sample(z, temperature=1.0, cfg=HEAD_CFG), steps,
                        "DDPM step", args.warmup if args.warmup is not None else 2, graphs, extra)
 
@@ -179,6 +184,7 @@ def build_mar_case(args, device):
             reason = fused_head_absence(model.diffloss, model.diffloss.z_channels, device, torch.float32, cfg)
         if reason:
             raise CaseUnavailable(reason)
+        packed_head(model.diffloss.net).loop_kernels = args.loop_kernels
         description = "MAR.sample_tokens_fast"
     else:
         model.diffloss.backend = "torch"
@@ -203,7 +209,7 @@ def build_mar_case(args, device):
               "batch": args.batch, "num_iter": num_iter, "ddpm_steps": model.diffloss.num_sampling_steps,
               "cfg": cfg, "cfg_schedule": "linear", "temperature": 1.0,
               "precision": "bf16 autocast, fp32 transformer weights, bf16 head weights" if on_gpu else "fp32",
-              "provider": args.provider,
+              "provider": args.provider, "loop_kernels": args.loop_kernels if fused else None,
               "call": f"{description}, DiffLoss backend {model.diffloss.backend!r}, "
                       f"norm backend {model.encoder_blocks[0].norm_backend!r}",
               "marfast_cuda_graphs_env": os.environ.get(CUDA_GRAPHS_ENV_VAR, "unset")}
@@ -221,7 +227,8 @@ def build_mar_case(args, device):
                     "hbm_gbps": gbps, "hbm_gbps_source": source, "floor_s_per_call": floor_s,
                     "wall_over_floor": statistics.median(wall_s) / floor_s}}
 
-    label = f"mar-{name}-b{args.batch}-iters{num_iter}-{args.provider}" + ("-graphs" if step_graphs else "")
+    label = f"mar-{name}-b{args.batch}-iters{num_iter}-{args.provider}" + ("-graphs" if step_graphs else "") + (
+        f"-{args.loop_kernels}" if fused and args.loop_kernels != "auto" else "")
     return ProfileCase("mar", label, params, timer.wrap(sample), num_iter, "AR step",
                        args.warmup if args.warmup is not None else 1, graphs, extra)
 
@@ -552,6 +559,9 @@ def parse_args(argv):
                         help="mar case: AR steps, default 64 (at most the model's token count)")
     parser.add_argument("--provider", choices=PROVIDERS, default=None,
                         help="default fused on CUDA, reference on the CPU")
+    parser.add_argument("--loop-kernels", choices=LOOP_KERNELS, default="auto",
+                        help="head and mar cases, fused: the fused head's DDPM steps as a launch chain, in one launch "
+                             "per modulation chunk (up to 64 rows), or whichever is timed faster (default auto)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="mar case: replay the transformer steps as CUDA graphs (sets MARFAST_CUDA_GRAPHS=1)")
     parser.add_argument("--calls", type=int, default=3, help="profiled calls (and as many unprofiled timed calls)")
@@ -593,6 +603,8 @@ def parse_args(argv):
         parser.error(f"--rows must be >= 1, got {args.rows}")
     if args.batch < 1 or args.calls < 1 or (args.warmup is not None and args.warmup < 0):
         parser.error("--batch and --calls must be >= 1 and --warmup >= 0")
+    if args.loop_kernels != "auto" and (args.case == "training" or args.provider != "fused"):
+        parser.error("--loop-kernels applies to the fused head and mar cases")
     if args.cuda_graphs and args.case != "mar":
         parser.error("--cuda-graphs applies to --case mar (the fused head always replays its own graphs)")
     if args.hbm_gbps <= 0 or args.matmul_tflops <= 0:

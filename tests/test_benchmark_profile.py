@@ -112,6 +112,30 @@ def test_fused_mar_case_runs_under_the_interpreter(tmp_path, monkeypatch):
     assert report["kernels"]
 
 
+def test_loop_kernels_option_sets_the_fused_head_and_is_refused_elsewhere(tmp_path, monkeypatch, capsys):
+    """--loop-kernels one_launch: the fused MAR case's head runs its DDPM steps in one launch (the
+    label and parameters say so; built and run under the interpreter, as above); the option is an
+    error for the reference provider and the training case."""
+    from marfast import fused_head
+
+    launches = []
+    one_launch = fused_head.ddpm_sample_loop
+    monkeypatch.setattr(fused_head, "ddpm_sample_loop", lambda *a, **k: (launches.append(1), one_launch(*a, **k))[1])
+    monkeypatch.setenv("MARFAST_CUDA_GRAPHS", "0")
+    args = profile_kernels.parse_args(["--case", "mar", "--head", "tiny", "--num-iter", "1", "--calls", "1",
+                                       "--warmup", "0", "--out", str(tmp_path)])
+    args.provider, args.loop_kernels = "fused", "one_launch"
+    case = profile_kernels.build_mar_case(args, torch.device("cpu"))
+    assert case.label.endswith("-fused-one_launch") and case.params["loop_kernels"] == "one_launch"
+    case.call()
+    assert launches
+    for options in (("--case", "head", "--head", "tiny"), ("--case", "training", "--head", "tiny")):
+        with pytest.raises(SystemExit) as exit_info:
+            profile_kernels.parse_args([*options, "--loop-kernels", "chain", "--out", str(tmp_path)])
+        assert exit_info.value.code == 2
+    assert "--loop-kernels applies to the fused head and mar cases" in capsys.readouterr().err
+
+
 def test_report_leaves_kernel_profiles_out(tmp_path, capsys):
     from benchmarks import report
 
