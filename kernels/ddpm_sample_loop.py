@@ -22,8 +22,9 @@ one-step launches, which read one state buffer and write the other, so reruns ar
 Barrier safety: the programs must all be resident, so P is at most the number of SMs and every
 program fits an SM (one block per SM). A barrier wait that exceeds MAX_BARRIER_SPINS polls (about
 a second: only possible when other work holds SMs for that long) stops waiting, sets the timeout
-flag `sync[2]`, and at the end of the launch the state the launch wrote is overwritten with NaN:
-a wrong result is never silent, and the GPU never hangs. The flag stays set (every later launch
+flag `sync[2]`, and that program waits at no later barrier of the launch (it still arrives at each),
+so the launch ends after one such wait; at its end the state it wrote is overwritten with NaN: a
+wrong result is never silent, and the GPU never hangs. The flag stays set (every later launch
 on the same `sync` also writes NaN) until the caller clears it; `barrier_timed_out(sync)` reads it.
 Under the Triton CPU interpreter (programs run one after another) the grid is one program, which
 runs every work item of every phase; the barriers then pass at once.
@@ -49,27 +50,30 @@ ALIGN_BYTES = 16
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS: tl.constexpr, TIMESTAMPS: tl.constexpr):
+def _grid_barrier(sync_ptr, generation, spin_limit, num_programs, times_ptr, TIMESTAMPS: tl.constexpr):
     """Wait until all num_programs programs have arrived here for the (generation + 1)-th time;
-    returns generation + 1. A CTA barrier first, then one release-acquire arrival on sync[0] and
-    acquire polls: every write a program made before the barrier is visible to every program
-    after it. A wait longer than MAX_SPINS polls gives up and sets the timeout flag sync[2].
-    TIMESTAMPS: row generation + 1 of times [phases + 1, 2] gets the global time of the last
-    arrival (column 0) and of program 0's departure (column 1)."""
+    returns (generation + 1, the spin limit for the next barrier). A CTA barrier first, then one
+    release-acquire arrival on sync[0] and acquire polls: every write a program made before the
+    barrier is visible to every program after it. A wait longer than spin_limit polls gives up,
+    sets the timeout flag sync[2] and sets this program's later spin limits to 0 (it still
+    arrives at every barrier, but waits at none: a launch with a timeout ends after one wait, not
+    one per barrier). TIMESTAMPS: row generation + 1 of times [phases + 1, 2] gets the global time
+    of the last arrival (column 0) and of program 0's departure (column 1)."""
     tl.debug_barrier()
     if TIMESTAMPS:
         tl.atomic_max(times_ptr + 2 * (generation + 1), tl.extra.cuda.globaltimer(), sem="relaxed")
     target = (generation + 1) * num_programs
     arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel") + 1
     spins = 0
-    while (arrived < target) & (spins < MAX_SPINS):
+    while (arrived < target) & (spins < spin_limit):
         arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
         spins += 1
-    tl.store(sync_ptr + 2, 1, mask=arrived < target)
+    gave_up = arrived < target
+    tl.store(sync_ptr + 2, 1, mask=gave_up)
     tl.debug_barrier()
     if TIMESTAMPS:
         tl.store(times_ptr + 2 * (generation + 1) + 1, tl.extra.cuda.globaltimer(), mask=tl.program_id(0) == 0)
-    return generation + 1
+    return generation + 1, spin_limit * (1 - gave_up.to(tl.int32))
 
 
 @triton.jit
@@ -126,6 +130,7 @@ def _ddpm_sample_loop_kernel(
     if TIMESTAMPS:  # the launch's start: row 0, column 1
         tl.store(times_ptr + 1, tl.extra.cuda.globaltimer(), mask=pid == 0)
     generation = 0
+    spin_limit = MAX_SPINS
     for step in range(step_hi, step_lo - 1, -1):
         current = (first_state + step_hi - step) % 2
         state = states_ptr + current * stride_state
@@ -143,7 +148,8 @@ def _ddpm_sample_loop_kernel(
                 0, 0, True, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_C_IN, STATS_GROUP, STATS_CHUNK, 1, True)
         _prefetch_phase_weights(weights_ptr, pid, num_programs, gemm_items, net_rows, width, k_split_len, stride_wk,
                                 stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)  # block 0's fc1
-        generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
+        generation, spin_limit = _grid_barrier(sync_ptr, generation, spin_limit, num_programs, times_ptr,
+                                               TIMESTAMPS)
 
         for block in range(depth):
             residual = residuals_ptr + (block % 2) * stride_residual
@@ -170,7 +176,8 @@ def _ddpm_sample_loop_kernel(
                     SPLIT_K, True)
             _prefetch_phase_weights(fc2_weight, pid, num_programs, gemm_items, net_rows, width, k_split_len, stride_wk,
                                     stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)
-            generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
+            generation, spin_limit = _grid_barrier(sync_ptr, generation, spin_limit, num_programs, times_ptr,
+                                                   TIMESTAMPS)
 
             for item in range(pid, gemm_items, num_programs):  # residual_out = residual + gate * (hidden @ fc2^T + b)
                 tile, split, k_begin, k_end, pid_n, rows, row_ok, cols, col_ok = gemm_item_coords(
@@ -186,7 +193,8 @@ def _ddpm_sample_loop_kernel(
                 next_fc1 = _block_pointer(offsets_ptr, 0, block + 1, depth, weights_ptr, WEIGHT_ALIGN)
                 _prefetch_phase_weights(next_fc1, pid, num_programs, gemm_items, net_rows, width, k_split_len,
                                         stride_wk, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, PREFETCH_K)
-            generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
+            generation, spin_limit = _grid_barrier(sync_ptr, generation, spin_limit, num_programs, times_ptr,
+                                                   TIMESTAMPS)
 
         coefficients = coefficients_ptr + step * 6
         final_mod = mod + 3 * depth * width
@@ -204,7 +212,8 @@ def _ddpm_sample_loop_kernel(
                 tl.load(coefficients + 3), tl.load(coefficients + 4), tl.load(coefficients + 5), final_ln_eps,
                 step > 0, USE_CFG, CLIP_X0, DOT_PRECISION, FINAL_BLOCK_M, BLOCK_C, FINAL_BLOCK_K, STATS_GROUP,
                 FINAL_STATS_CHUNK, FINAL_SPLIT)
-        generation = _grid_barrier(sync_ptr, generation, num_programs, times_ptr, MAX_SPINS, TIMESTAMPS)
+        generation, spin_limit = _grid_barrier(sync_ptr, generation, spin_limit, num_programs, times_ptr,
+                                               TIMESTAMPS)
 
     # the last program out resets the counters for the next launch; after a barrier timeout it
     # overwrites the launch's result with NaN

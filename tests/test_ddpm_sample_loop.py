@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from triton.runtime.interpreter import InterpreterBuilder
 
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import (_Workspace, _uses_one_launch, bucket_rows, ddpm_sample_loop_fused, packed_head,
@@ -164,6 +165,17 @@ def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(monkeypatch):
     ws.state_pair[0].normal_()
     launch(pack, ws, diffusion)
     assert torch.isfinite(ws.state_pair[result]).all()
+
+    atomics = []  # a program that gave up waits at no later barrier: one barrier's polls, not one per barrier
+    for name in ("create_atomic_rmw", "create_atomic_load"):
+        if hasattr(InterpreterBuilder, name):
+            original = getattr(InterpreterBuilder, name)
+            monkeypatch.setattr(InterpreterBuilder, name,
+                                lambda self, *a, original=original, **k: (atomics.append(1), original(self, *a, **k))[1])
+    monkeypatch.setattr(one_launch, "MAX_BARRIER_SPINS", 50)
+    ws.sync[0] = -1000
+    launch(pack, ws, diffusion)  # 2 steps x 4 barriers
+    assert barrier_timed_out(ws.sync) and 50 < len(atomics) < 100
 
     poisoned_sync = lambda device: torch.tensor([0, 0, 1], dtype=torch.int32, device=device)  # noqa: E731
     monkeypatch.setattr(fused_head, "new_sync", poisoned_sync)
@@ -350,4 +362,20 @@ def test_gpu_phase_times_are_ordered_and_change_no_result():
     rows = times.tolist()
     assert all(rows[p - 1][1] <= rows[p][0] <= rows[p][1] for p in range(1, len(rows)))
     assert torch.equal(outs[0], outs[1])
+    release_fused_cache(net)
+
+
+@gpu
+@needs_cuda
+def test_gpu_barrier_timeout_returns_nan_quickly(monkeypatch):
+    """On the real grid, barriers that can never complete (the arrival counter starts far below
+    zero) end the launch after one bounded wait per program: NaN result, flag set, no hang."""
+    monkeypatch.setattr(one_launch, "MAX_BARRIER_SPINS", 10_000)
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=5, dtype=torch.bfloat16, device="cuda")
+    pack, ws, diffusion = loop_workspace(net, 4, 3.0, 3)
+    ws.sync[0] = -(1 << 30)
+    result = launch(pack, ws, diffusion)
+    assert barrier_timed_out(ws.sync) and torch.isnan(ws.state_pair[result]).all()
+    assert ws.sync[:2].tolist() == [0, 0]
     release_fused_cache(net)
