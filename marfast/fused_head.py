@@ -36,9 +36,11 @@ ONE_LAUNCH_MAX_ROWS (64) net rows the same work can instead run as one launch pe
 (`_one_launch_steps`, `kernels/ddpm_sample_loop.py`): a persistent grid, one program per SM, that
 walks the same per-item code with grid barriers where the chain has kernel boundaries. The packed
 head's `loop_kernels` picks: "chain", "one_launch", or "auto" (default: the chain off CUDA and
-above 64 rows; otherwise whichever runs one step faster, timed once per shape in the eager run).
-A grid barrier that times out (only if other work holds the SMs for about a second) makes the
-result NaN instead of hanging; the eager runs check for it and raise.
+above 64 rows; otherwise whichever runs one step faster, timed once per shape in the eager run,
+after checking that one step of each agrees within rounding: a fault of the one-launch kernel on
+some GPU raises there rather than reaching a sample). A grid barrier that times out (only if
+other work holds the SMs for about a second) makes the result NaN instead of hanging; the eager
+runs check for it and raise.
 
 On CUDA the loop (cond_embed and the modulation GEMMs included) is captured once per (bucketed
 row count (`bucket_rows`), CFG on/off, clip on/off, number of steps) as a CUDA graph and
@@ -315,6 +317,7 @@ _LOOP_CHOICE = {}
 # the chain's step is about 2D + 2 eager launches of tens of microseconds of host work each: the
 # GPU sleeps long enough (about 20 ms) for all the timed repeats to be queued before they run
 LOOP_CHOICE_QUEUE_CYCLES = 40_000_000
+ONE_LAUNCH_AGREEMENT = 1e-2
 
 
 def _chain_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip):
@@ -355,12 +358,29 @@ def _one_launch_steps(pack, ws, diffusion, mod_step, hi, lo, current, clip, phas
                             phase_times=phase_times)
 
 
-def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step):
+def _check_one_launch_agrees(one_chain_step, one_launch_step, step_result):
+    """Run one step each way from the same state (step_result() is the state they write) and raise
+    unless they agree within ONE_LAUNCH_AGREEMENT (relative to the result's largest magnitude, + 1):
+    the two ways compute the same function and differ by rounding only, and a grid-barrier or
+    memory-ordering fault on a new GPU shows as a gross difference, loudly, before it can reach a
+    sample. Reads the device: only where the choice is timed (the eager runs)."""
+    one_chain_step()
+    expected = step_result().clone()
+    one_launch_step()
+    error = ((step_result() - expected).abs().max() / (expected.abs().max() + 1)).item()
+    if not error <= ONE_LAUNCH_AGREEMENT:
+        raise RuntimeError(f"the one-launch DDPM loop disagrees with the launch chain on one step (relative "
+                           f"difference {error:.3g} > {ONE_LAUNCH_AGREEMENT}); packed_head(net).loop_kernels = "
+                           "'chain' avoids it (please report it)")
+
+
+def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step, step_result):
     """Whether the loop's steps run as one launch per modulation chunk (`ddpm_sample_loop`) or as
     the launch chain. pack.loop_kernels "chain" or "one_launch" forces one (the latter only up to
     ONE_LAUNCH_MAX_ROWS net rows); "auto" takes the chain off CUDA and above ONE_LAUNCH_MAX_ROWS
     rows, and otherwise whichever runs a step faster, timed once per shape (one_chain_step and
-    one_launch_step each run one step; repeatable)."""
+    one_launch_step each run one step, repeatably, into step_result()), after checking that the
+    two agree (`_check_one_launch_agrees`)."""
     kernels = pack.loop_kernels
     if kernels not in LOOP_KERNELS:
         raise ValueError(f"loop_kernels must be one of {LOOP_KERNELS}, got {kernels!r}")
@@ -374,6 +394,8 @@ def _uses_one_launch(pack, ws, clip, one_chain_step, one_launch_step):
     # not keyed on PDL: the ways round differently, and the loop must give the same result with PDL on and off
     key = (ws.net_rows, ws.use_cfg, clip, pack.width, pack.depth, pack.dtype, str(pack.device),
            torch.get_float32_matmul_precision())
+    if key not in _LOOP_CHOICE and not torch.cuda.is_current_stream_capturing():  # fastest_way refuses capture
+        _check_one_launch_agrees(one_chain_step, one_launch_step, step_result)
     ways = {"chain": one_chain_step, "one_launch": one_launch_step}
     return fastest_way(_LOOP_CHOICE, key, ways, "the DDPM steps (launch chain or one launch)",
                        queue_cycles=LOOP_CHOICE_QUEUE_CYCLES) == "one_launch"
@@ -394,7 +416,8 @@ def _launch_loop(pack, ws, diffusion, clip, phase_times=None):
             return way(pack, ws, diffusion, mod_step, first, last, start, clip, **options)
 
         one_launch = _uses_one_launch(pack, ws, clip, lambda: run(_chain_steps, hi, hi),
-                                      lambda: run(_one_launch_steps, hi, hi))
+                                      lambda: run(_one_launch_steps, hi, hi),
+                                      lambda start=current: ws.states[1 - start])
         options = {}
         if one_launch and phase_times is not None:
             options["phase_times"] = torch.zeros((hi - lo + 1) * phases_per_step(pack.depth) + 1, 2,

@@ -280,13 +280,36 @@ def test_auto_times_both_ways_once_and_runs_the_faster(faster, monkeypatch, pois
 def test_uses_one_launch_only_within_its_row_limit():
     pack = types.SimpleNamespace(loop_kernels="auto", device=torch.device("cpu"))
     few, many = types.SimpleNamespace(net_rows=64), types.SimpleNamespace(net_rows=65)
-    assert not _uses_one_launch(pack, few, False, None, None)  # no GPU
+    assert not _uses_one_launch(pack, few, False, None, None, None)  # no GPU
     pack.loop_kernels = "one_launch"
-    assert _uses_one_launch(pack, few, False, None, None)
+    assert _uses_one_launch(pack, few, False, None, None, None)
     with pytest.raises(ValueError, match="at most 64 net rows"):
-        _uses_one_launch(pack, many, False, None, None)
+        _uses_one_launch(pack, many, False, None, None, None)
     pack.loop_kernels = "chain"
-    assert not _uses_one_launch(pack, few, False, None, None)
+    assert not _uses_one_launch(pack, few, False, None, None, None)
+
+
+def test_auto_refuses_a_one_launch_step_that_disagrees_with_the_chain(monkeypatch):
+    """Before timing the two ways, 'auto' runs one step of each from the same state: a one-launch
+    result off by more than rounding (here its state buffer is corrupted after the launch, as a
+    barrier fault would leave it) raises instead of reaching a sample."""
+    fake_gpu_timings(monkeypatch, ("_PROLOGUE_CHOICE", "_GEMM_WAY_CHOICE"), "one_launch",
+                     lambda names: "one_launch" if "_ddpm_sample_loop_kernel" in names else "chain")
+    monkeypatch.setattr(fused_head, "_LOOP_CHOICE", {})
+    for module in (fused_head, one_launch):
+        monkeypatch.setattr(module, "gpu_configs", lambda device: True)
+    launch_steps = fused_head._one_launch_steps
+
+    def corrupted(pack, ws, *args, **kwargs):
+        result = launch_steps(pack, ws, *args, **kwargs)
+        ws.states[result][0, 0] += 0.5 * (ws.states[result].abs().max() + 1)
+        return result
+
+    monkeypatch.setattr(fused_head, "_one_launch_steps", corrupted)
+    net = make_net(40, 1, seed=12)
+    with pytest.raises(RuntimeError, match="disagrees with the launch chain"):
+        run_loop(net, 2, 3, 2.0, 1.0, None)
+    assert not fused_head._LOOP_CHOICE
 
 
 # GPU: the real grid (one program per SM) and its barriers
