@@ -36,14 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .ddpm_step import SCALARS, final_layer_ddpm_item
+from .ddpm_step import SCALARS, STEP_COEFFICIENTS, coefficient_tables, final_layer_ddpm_item
 from .linear_fused import (STATS_GROUP, WEIGHT_DTYPES, _check_matrix, _check_stats, _check_vector,
                            _prefetch_weights_to_l2, _tuned_config, check_split_k, dot_precision, gemm_item_coords,
-                           gpu_configs, interpreting, linear_fused_item, programmatic_launch, split_length,
-                           split_parts, stats_chunk, wait_for_previous_grid)
+                           gpu_configs, interpreting, linear_fused_item, programmatic_launch, split_k_range,
+                           split_length, split_parts, stats_chunk, wait_for_previous_grid)
 
-COEFFICIENTS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                "posterior_mean_coef2", "log_beta", "posterior_log_variance_clipped")
 MAX_ROWS = 64  # net rows: one row tile per GEMM (the persistent grid is for the weight-streaming regime)
 MAX_BARRIER_SPINS = 1 << 21
 ALIGN_BYTES = 16
@@ -199,11 +197,9 @@ def _ddpm_sample_loop_kernel(
         coefficients = coefficients_ptr + step * 6
         final_mod = mod + 3 * depth * width
         for item in range(pid, final_items, num_programs):  # x_{t-1} from the last residual
-            row_block = item // FINAL_SPLIT
-            split = item % FINAL_SPLIT
-            k_begin = split * final_k_split_len
+            row_block, split, k_begin, k_end = split_k_range(item, width, final_k_split_len, FINAL_SPLIT)
             final_layer_ddpm_item(
-                row_block, split, k_begin, tl.minimum(width, k_begin + final_k_split_len),
+                row_block, split, k_begin, k_end,
                 residuals_ptr + (depth % 2) * stride_residual, stats_ptr, final_mod, final_mod + width,
                 final_weight_ptr, final_bias_ptr, state, noise_ptr + step * stride_noise_step, next_state,
                 scalars_ptr, partials_ptr, counters_ptr, state_rows, width, channels, uncond_row_offset,
@@ -300,11 +296,9 @@ def _element_offset(t, base):
 
 
 def coefficient_table(diffusion, device):
-    """fp32 [S, 6] per-step table values (COEFFICIENTS order) of a GaussianDiffusion."""
-    columns = [diffusion.sqrt_recip_alphas_cumprod, diffusion.sqrt_recipm1_alphas_cumprod,
-               diffusion.posterior_mean_coef1, diffusion.posterior_mean_coef2, diffusion.log_betas,
-               diffusion.posterior_log_variance_clipped]
-    return torch.stack([torch.as_tensor(c, dtype=torch.float64) for c in columns], dim=1).float().to(device)
+    """fp32 [S, 6] per-step table values (ddpm_step.STEP_COEFFICIENTS order) of a GaussianDiffusion."""
+    columns = [torch.as_tensor(table, dtype=torch.float64) for table in coefficient_tables(diffusion)]
+    return torch.stack(columns, dim=1).float().to(device)
 
 
 def new_sync(device):
@@ -403,7 +397,7 @@ def ddpm_sample_loop(weights, states, first_state, step_hi, step_lo, noise, scal
     if first_state not in (0, 1):
         raise ValueError(f"first_state must be 0 or 1, got {first_state}")
     steps_total = coefficients.shape[0] if isinstance(coefficients, torch.Tensor) and coefficients.dim() == 2 else 0
-    _check_matrix("coefficients", coefficients, None, len(COEFFICIENTS), device, f32)
+    _check_matrix("coefficients", coefficients, None, len(STEP_COEFFICIENTS), device, f32)
     if step_hi >= steps_total or not coefficients.is_contiguous():
         raise ValueError(f"coefficients must be a contiguous [T, 6] table with T > {step_hi}, got "
                          f"{tuple(coefficients.shape)}")

@@ -157,16 +157,19 @@ def _final_layer_ddpm_step_kernel(
         DOT_PRECISION, BLOCK_M, BLOCK_C, BLOCK_K, STATS_GROUP, STATS_CHUNK, SPLIT_K)
 
 
+STEP_COEFFICIENTS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                     "posterior_mean_coef2", "log_beta", "posterior_log_variance_clipped")  # the kernel's names
+
+
+def coefficient_tables(diffusion):
+    """The float64 [S] tables of a GaussianDiffusion behind STEP_COEFFICIENTS, in that order."""
+    return (diffusion.sqrt_recip_alphas_cumprod, diffusion.sqrt_recipm1_alphas_cumprod, diffusion.posterior_mean_coef1,
+            diffusion.posterior_mean_coef2, diffusion.log_betas, diffusion.posterior_log_variance_clipped)
+
+
 def step_coefficients(diffusion, step):
     """The per-step table values the kernel takes as scalars (python floats, rounded to fp32)."""
-    return dict(
-        sqrt_recip_alphas_cumprod=float(diffusion.sqrt_recip_alphas_cumprod[step]),
-        sqrt_recipm1_alphas_cumprod=float(diffusion.sqrt_recipm1_alphas_cumprod[step]),
-        posterior_mean_coef1=float(diffusion.posterior_mean_coef1[step]),
-        posterior_mean_coef2=float(diffusion.posterior_mean_coef2[step]),
-        log_beta=float(diffusion.log_betas[step]),
-        posterior_log_variance_clipped=float(diffusion.posterior_log_variance_clipped[step]),
-    )
+    return {name: float(table[step]) for name, table in zip(STEP_COEFFICIENTS, coefficient_tables(diffusion))}
 
 
 def _candidate_block_sizes(rows, width, channels, gpu, has_workspace=False):
