@@ -4,7 +4,9 @@ from pathlib import Path
 
 from marfast import MAR
 
-SPEC_KEYS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "official_state_dict_keys.txt"
+# a copy of the project spec's shared/spec/official_state_dict_keys.txt, kept in the repository so
+# a fresh clone tests against it
+SPEC_KEYS = Path(__file__).resolve().parent / "data" / "official_state_dict_keys.txt"
 
 TINY_MAR = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=3,
                 encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2,
@@ -17,7 +19,7 @@ def tiny_mar(**overrides):
 
 
 def official_key_shapes():
-    """{preset: {key: shape list}} from the official key list in shared/spec."""
+    """{preset: {key: shape list}} from the official key list (tests/data)."""
     table = {}
     for line in SPEC_KEYS.read_text().splitlines():
         if not line.strip() or line.startswith("#"):
