@@ -2,8 +2,10 @@
 launch chain, with its scratch buffers and the state it writes poisoned first.
 
 Under the CPU interpreter the launch is one program, which runs every work item of every phase
-(the grid barriers pass at once); the GPU tests (marked `gpu`) run the real grid of one program
-per SM, whose barriers only a GPU exercises.
+(the grid barriers pass at once), except in the tests that run a grid of several programs, each
+in its own thread (tests/concurrent_programs.py): they check the work dealing, the barriers' and
+split-K arrivals' logic and the counters' resets between programs that interleave. The GPU tests
+(marked `gpu`) run the real grid of one program per SM, under the GPU's memory model.
 """
 import types
 
@@ -19,6 +21,7 @@ from marfast.kernels import ddpm_sample_loop as one_launch
 from marfast.kernels.ddpm_sample_loop import LoopWeights, barrier_timed_out, ddpm_sample_loop
 from marfast.kernels.linear_fused import SplitKWorkspace
 
+from concurrent_programs import concurrent_programs
 from test_fused_head import (CUDA, GPU_CLIP, GPU_TOLERANCE, RELEASED_HEADS, check_released_parity, fake_gpu_timings,
                              loop_inputs, make_net, relative_error, run_both)
 
@@ -96,6 +99,38 @@ def test_one_launch_loop_block_configurations(config, poisoned_workspaces, monke
     net = make_net(72, 2, seed=10)
     fused, reference = run_loop(net, 3, 5, 2.0, 1.0, None, loop_kernels="one_launch")
     assert relative_error(fused[:5], reference[:5]) < 1e-5
+
+
+@pytest.mark.parametrize("programs,config,state_rows,cfg,gemm_rows,launches", [
+    (3, (32, 16, 2, 4, 16, 2), 5, 2.0, 1024, 1),  # 4 GEMM items and 2 final-layer items over 3 programs
+    (5, (32, 16, 3, 4, 32, 2), 7, 1.0, 14, 2),  # 6 GEMM items over 5; two launches reuse the barrier state
+    (2, (32, 16, 1, 4, 16, 1), 3, 2.0, 6, 4),  # unsplit, one step per launch
+], ids=["3_programs", "5_programs", "2_programs_unsplit"])
+def test_one_launch_loop_with_concurrent_programs(programs, config, state_rows, cfg, gemm_rows, launches,
+                                                  poisoned_workspaces, monkeypatch):
+    """Four steps with a grid of several programs, each in its own thread: the result is bitwise
+    that of the one-program launch with the same configuration (an item's code and every
+    reduction's order do not depend on which program runs it), the float64 reference's within
+    rounding, and every launch leaves its barrier and split-K counters at zero."""
+    monkeypatch.setattr(one_launch, "_candidates", lambda *args: [config])
+    net = make_net(40, 2, seed=11)
+    one_program, reference = run_loop(net, 4, state_rows, cfg, 1.0, None, loop_kernels="one_launch",
+                                      modulation_gemm_rows=gemm_rows)
+    program_counts = concurrent_programs(monkeypatch, one_launch._ddpm_sample_loop_kernel)
+    monkeypatch.setattr(one_launch, "resident_programs", lambda device: programs)
+    fused, _ = run_loop(net, 4, state_rows, cfg, 1.0, None, loop_kernels="one_launch",
+                        modulation_gemm_rows=gemm_rows)
+    assert program_counts == [programs] * launches
+    assert torch.equal(fused, one_program)
+    assert relative_error(fused[:state_rows], reference[:state_rows]) < 1e-5
+
+    pack, ws, diffusion = loop_workspace(net, state_rows, cfg, 3)
+    assert launch(pack, ws, diffusion, hi=2, lo=1, modulation_step=0) == 0
+    assert launch(pack, ws, diffusion, hi=0, lo=0, modulation_step=0) == 1
+    assert torch.isfinite(ws.state_pair[1]).all()
+    assert ws.sync.tolist() == [0, 0, 0]
+    assert not ws.split_k.counters.any()
+    release_fused_cache(net)
 
 
 def test_gpu_candidates_give_every_sm_an_item_and_cap_the_k_step_at_64_rows():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from marfast import DiffLoss
+from marfast import DiffLoss, fused_head
 from marfast.diffloss import SimpleMLPAdaLN, ddpm_sample_loop_reference
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import (MAX_GRAPHS_PER_HEAD, MIN_BUCKET_ROWS, bucket_rows, ddpm_sample_loop_fused,
@@ -24,6 +24,8 @@ from marfast.kernels import ddpm_step, linear_fused
 from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear, linear_gated_residual, linear_gelu,
                                           linear_ln_modulate_silu, stats_shape)
 from marfast.mar import next_mask_len
+
+from concurrent_programs import concurrent_programs
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -340,6 +342,26 @@ def test_fused_loop_with_split_k_gemms_matches_reference(monkeypatch):
     assert relative_error(fused[:7], reference[:7]) < 1e-5
 
 
+def test_split_k_launches_with_concurrent_programs_equal_the_sequential_ones(monkeypatch):
+    """The launch chain with K split in 3, each launch's programs in their own threads
+    (tests/concurrent_programs.py), so any split of a tile may arrive last: bitwise the result of
+    programs run one after another (the partials are summed in split order), every arrival counter
+    back at zero."""
+    force_split_k(monkeypatch, block_k=16, split=3)
+    net = make_net(40, 2, seed=12)
+    sequential, _ = run_both_packed(net, 2, 5, 2.0)
+    program_counts = concurrent_programs(monkeypatch, linear_fused._linear_fused_kernel,
+                                         ddpm_step._final_layer_ddpm_step_kernel)
+    workspaces = []
+    init = fused_head._Workspace.__init__
+    monkeypatch.setattr(fused_head._Workspace, "__init__",
+                        lambda self, *args: (init(self, *args), workspaces.append(self))[0])
+    concurrent, _ = run_both_packed(net, 2, 5, 2.0)
+    assert program_counts and max(program_counts) >= 6  # 2 column tiles x 3 K parts
+    assert torch.equal(concurrent, sequential)
+    assert len(workspaces) == 1 and not workspaces[0].split_k.counters.any()
+
+
 def test_split_k_workspace_is_checked():
     x, w, b, gate, out = on_device(torch.randn(4, 40), torch.randn(40, 40), torch.randn(40), torch.randn(4, 40),
                                    torch.empty(4, 40))
@@ -602,8 +624,6 @@ def test_modulation_steps_per_gemm_and_chunks():
 def test_fused_loop_step_batched_modulations(gemm_rows, steps_per_gemm, monkeypatch):
     """The modulations of K steps come from one GEMM of K x R rows (ceil(S / K) GEMMs per call, the
     last chunk possibly shorter) and the loop still computes the reference's function."""
-    from marfast import fused_head
-
     calls = []
     original = fused_head.modulation_gemm
 
