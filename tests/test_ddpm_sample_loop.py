@@ -18,7 +18,7 @@ from marfast.fused_head import (_Workspace, _uses_one_launch, bucket_rows, ddpm_
                                 release_fused_cache)
 from marfast import fused_head
 from marfast.kernels import ddpm_sample_loop as one_launch
-from marfast.kernels.ddpm_sample_loop import LoopWeights, barrier_timed_out, ddpm_sample_loop
+from marfast.kernels.ddpm_sample_loop import MAX_BARRIER_SPINS, LoopWeights, barrier_timed_out, ddpm_sample_loop
 from marfast.kernels.linear_fused import SplitKWorkspace
 
 from concurrent_programs import concurrent_programs
@@ -185,11 +185,16 @@ def test_launch_returns_the_state_buffer_it_wrote_and_leaves_its_counters_at_zer
     assert torch.equal(ws2.state_pair[1], stepped)
 
 
-def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(monkeypatch):
+@pytest.mark.parametrize("programs", [1, 3])
+def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(programs, monkeypatch):
     """A barrier whose arrivals never complete (the counter starts far below zero) stops waiting
     after MAX_BARRIER_SPINS polls: the launch's result is NaN, the flag stays set (later launches on
-    the same sync give NaN too) and the arrival counters are back at zero; the fused loop raises."""
+    the same sync give NaN too) and the arrival counters are back at zero; the fused loop raises.
+    With 3 programs (concurrent threads) every program gives up and the last one out cleans up."""
     monkeypatch.setattr(one_launch, "MAX_BARRIER_SPINS", 3)
+    if programs > 1:
+        concurrent_programs(monkeypatch, one_launch._ddpm_sample_loop_kernel)
+        monkeypatch.setattr(one_launch, "resident_programs", lambda device: programs)
     net = make_net(40, 1, seed=6)
     pack, ws, diffusion = loop_workspace(net, 2, 1.0, 2)
     ws.sync[0] = -1000
@@ -197,6 +202,7 @@ def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(monkeypatch):
     assert torch.isnan(ws.state_pair[result]).all()
     assert barrier_timed_out(ws.sync)
     assert ws.sync[:2].tolist() == [0, 0]
+    monkeypatch.setattr(one_launch, "MAX_BARRIER_SPINS", MAX_BARRIER_SPINS)  # 3 polls: too few for real waits
     ws.state_pair[0].normal_()  # two steps: from buffer 0 back to buffer 0
     launch(pack, ws, diffusion)  # every barrier completes now, but the flag is sticky
     assert torch.isnan(ws.state_pair[result]).all()
