@@ -485,7 +485,11 @@ class MAR(nn.Module):
         return self.diffloss(z=z, target=target, mask=mask)
 
     def forward(self, imgs, labels, generator=None):
-        """Training loss for latents imgs [B, C, H, W] and labels [B]."""
+        """Training loss for latents imgs [B, C, H, W] and labels [B].
+
+        generator: torch.Generator on the model's device for the orders, the masking, the label
+        drop and the input noise; dropout and the diffusion head's timesteps and noise draw from the
+        global RNG, as in the official code (`torch.manual_seed` as well for a reproducible loss)."""
         self.check_latents(imgs)
         self.check_labels(labels, imgs.shape[0])
         labels = labels.to(self.device)

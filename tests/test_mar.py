@@ -57,7 +57,8 @@ def test_training_loss_backward_and_seed():
     latents, labels = torch.randn(4, 3, 4, 4), torch.tensor([0, 3, 9, 3])
     a = model(latents, labels, generator=torch.Generator().manual_seed(0))
     b = model(latents, labels, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(1)  # model(...) with a generator draws the timesteps and noise of the head globally
+    assert not torch.equal(a, b)  # the head draws its timesteps and noise from the global RNG
+    torch.manual_seed(1)
     a2 = model(latents, labels, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(1)
     b2 = model(latents, labels, generator=torch.Generator().manual_seed(0))
