@@ -5,7 +5,8 @@
 # print a short summary table last. The whole call stays within a wall-clock limit (default 530 s).
 #
 # usage: benchmarks/gpu_suite.sh [--quick] [--no-tests | --tests-only] [--profile | --profile-only]
-#                                [--out DIR] [--seconds N] [-k EXPR] [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
+#                                [--out DIR] [--seconds N] [-k EXPR] [--tests-k EXPR]
+#                                [-- EXTRA PYTEST ARGS FOR THE BENCHMARKS]
 #   --quick       the quick benchmark subset (--bench-quick): head 6x1024 at 8 and 4096 rows and
 #                 12x1536 at 4096 rows, mar_base at batch 1 and 256 with 64 AR steps, De-MAR heads
 #                 of demar_base at batch 1 and 256 and demar_huge at batch 256 (4 tokens per image)
@@ -13,6 +14,7 @@
 #   --out DIR     where results go (default: $OUT if set, else benchmarks/results/)
 #   --seconds N   wall-clock limit of the whole call (default 530; env MARFAST_SUITE_SECONDS)
 #   -k EXPR       select benchmark cases, e.g. -k "head and 12x1536" or -k "mar_huge and iters256"
+#   --tests-k EXPR  select GPU tests, e.g. --tests-k one_launch (to rerun failures in the next call)
 #   --allow-cpu   run without a GPU (to test this script; CPU timings, file names say "cpu")
 #   --profile     after the tests, kernel profiles (benchmarks/profile_kernels.py, up to 240 s of the
 #                 limit): head 6x1024 at 8 rows fused (with its Chrome trace; also with the launch
@@ -37,6 +39,7 @@ PROFILE_RESERVE_S=0
 RUN_TESTS=1
 RUN_BENCH=1
 K_EXPR=""
+TESTS_K=()
 EXTRA=()
 
 while [ $# -gt 0 ]; do
@@ -50,8 +53,9 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR="$2"; shift ;;
     --seconds) LIMIT_S="$2"; shift ;;
     -k) K_EXPR="$2"; shift ;;
+    --tests-k) TESTS_K=(-k "$2"); shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -139,7 +143,7 @@ if [ "$RUN_TESTS" = 1 ]; then
   LEFT=$(( $(seconds_left) - PROFILE_RESERVE_S ))
   if [ "$RUN_BENCH" = 1 ]; then TESTS_S=$(( LEFT * 2 / 5 < 240 ? LEFT * 2 / 5 : 240 )); else TESTS_S=$((LEFT - 10)); fi
   say "GPU parity tests: pytest -m gpu tests/ (limit ${TESTS_S}s)"
-  timeout -s INT -k 15 "$TESTS_S" python3 -m pytest -m gpu tests/ -q -ra -p no:cacheprovider \
+  timeout -s INT -k 15 "$TESTS_S" python3 -m pytest -m gpu tests/ "${TESTS_K[@]}" -q -ra -p no:cacheprovider \
     --junitxml="$OUT_DIR/gpu-tests-$TAG.xml" 2>&1 | tee "$OUT_DIR/gpu-tests-$TAG.log"
   TESTS_RC=${PIPESTATUS[0]}
   say "GPU parity tests finished with exit code $TESTS_RC (5: no test is marked gpu; 124/130: stopped at the time limit)"
