@@ -7,18 +7,25 @@ chosen kernels' launches in its own thread instead, all started before any is wa
 yields the GIL after every atomic, so programs interleave at the points where they communicate
 and a program polling a barrier lets the others work. A launch whose programs are not all done
 within LAUNCH_SECONDS (one waits for an arrival that never comes) fails the test, and so does a
-program's error; either way the launch's other threads stop at their next atomic. This checks the logic (who arrives, who
-reduces, who resets, which item each program takes), not the GPU's memory model: the threads
-share one coherent memory.
+program's error; either way the launch's other threads stop at their next atomic.
+
+This checks the logic (who arrives, who reduces, who resets, which items each program takes), not
+the GPU's memory model: the threads share one coherent memory.
 """
 import inspect
 import threading
 import time
 
+import pytest
 import triton.language as tl  # noqa: F401 (the interpreter patches the `tl` in a launched function's globals)
 from triton.runtime.interpreter import InterpreterBuilder, interpreter_builder
 
+from marfast.kernels.linear_fused import interpreting
+
 LAUNCH_SECONDS = 60
+
+# on a GPU the programs really run concurrently: the tests marked `gpu` cover them there
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="threads the Triton CPU interpreter's programs")
 
 
 class _Abandoned(Exception):

@@ -21,7 +21,7 @@ from marfast.kernels import ddpm_sample_loop as one_launch
 from marfast.kernels.ddpm_sample_loop import MAX_BARRIER_SPINS, LoopWeights, barrier_timed_out, ddpm_sample_loop
 from marfast.kernels.linear_fused import SplitKWorkspace
 
-from concurrent_programs import concurrent_programs
+from concurrent_programs import concurrent_programs, needs_interpreter
 from test_fused_head import (CUDA, GPU_CLIP, GPU_TOLERANCE, RELEASED_HEADS, check_released_parity, fake_gpu_timings,
                              loop_inputs, make_net, relative_error, run_both)
 
@@ -101,6 +101,7 @@ def test_one_launch_loop_block_configurations(config, poisoned_workspaces, monke
     assert relative_error(fused[:5], reference[:5]) < 1e-5
 
 
+@needs_interpreter
 @pytest.mark.parametrize("programs,config,state_rows,cfg,gemm_rows,launches", [
     (3, (32, 16, 2, 4, 16, 2), 5, 2.0, 1024, 1),  # 4 GEMM items and 2 final-layer items over 3 programs
     (5, (32, 16, 3, 4, 32, 2), 7, 1.0, 14, 2),  # 6 GEMM items over 5; two launches reuse the barrier state
@@ -185,7 +186,7 @@ def test_launch_returns_the_state_buffer_it_wrote_and_leaves_its_counters_at_zer
     assert torch.equal(ws2.state_pair[1], stepped)
 
 
-@pytest.mark.parametrize("programs", [1, 3])
+@pytest.mark.parametrize("programs", [1, pytest.param(3, marks=needs_interpreter)])
 def test_barrier_timeout_gives_nan_and_a_flag_instead_of_a_hang(programs, monkeypatch):
     """A barrier whose arrivals never complete (the counter starts far below zero) stops waiting
     after MAX_BARRIER_SPINS polls: the launch's result is NaN, the flag stays set (later launches on

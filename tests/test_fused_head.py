@@ -25,7 +25,7 @@ from marfast.kernels.linear_fused import (STATS_GROUP, input_projection, linear,
                                           linear_ln_modulate_silu, stats_shape)
 from marfast.mar import next_mask_len
 
-from concurrent_programs import concurrent_programs
+from concurrent_programs import concurrent_programs, needs_interpreter
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -342,6 +342,7 @@ def test_fused_loop_with_split_k_gemms_matches_reference(monkeypatch):
     assert relative_error(fused[:7], reference[:7]) < 1e-5
 
 
+@needs_interpreter
 def test_split_k_launches_with_concurrent_programs_equal_the_sequential_ones(monkeypatch):
     """The launch chain with K split in 3, each launch's programs in their own threads
     (tests/concurrent_programs.py), so any split of a tile may arrive last: bitwise the result of
