@@ -6,7 +6,8 @@ configurations switched on, every tuning candidate launched once); `compile_for_
 compiles the distinct recorded launches exactly as the runtime would on the device (the same
 argument specialisation: 16-byte alignment of pointers, integers divisible by 16 or equal to 1)
 and returns each compiled kernel's resource use (shared memory, registers, local memory: register
-spills) and facts about its PTX (asynchronous copies, atomics, grid dependency control).
+spills), facts about its PTX (asynchronous copies, atomics, grid dependency control) and about the
+memory ordering of its SASS (fences and L1 invalidations around release and acquire operations).
 Compilation runs in a child process without TRITON_INTERPRET (under the interpreter Triton's own
 library functions are interpreted and cannot be compiled).
 
@@ -75,7 +76,13 @@ def compile_for_h100(launches):
     waits for), l2_prefetches (and
     l2_prefetches_before_wait: those before the first griddepcontrol.wait), grid_dependency_waits,
     launch_dependents; and memory_before_wait: whether any global load, store, atomic or
-    asynchronous copy (not a prefetch) precedes the first griddepcontrol.wait in the PTX."""
+    asynchronous copy (not a prefetch) precedes the first griddepcontrol.wait in the PTX.
+    Memory ordering: acquire_loads (PTX ld.global.gpu.acquire), non_coherent_loads (PTX
+    ld.global.nc: a path that can return data older than another program's write before a
+    barrier), and from the SASS: invalidating_acquire_loads (strong GPU-scope loads followed by
+    CCTL.IVALL, the L1 invalidation that makes later plain loads see other SMs' writes) and
+    fenced_atomics (atomics after a MEMBAR at GPU scope, the release, and followed by CCTL.IVALL).
+    A plain load reads through the SM's L1, so a barrier is only as good as these."""
     distinct = list({json.dumps(launch, sort_keys=True): launch for launch in launches}.values())
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -113,7 +120,9 @@ def _compile_all(launches):
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = jit._pack_args(backend, kwargs, bound, specialization, options)
         kernel = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options.__dict__)
-        usage = _resource_usage(kernel.asm["cubin"], os.path.dirname(triton.__file__))
+        triton_dir = os.path.dirname(triton.__file__)
+        usage = _resource_usage(kernel.asm["cubin"], triton_dir)
+        sass = _sass_instructions(kernel.asm["cubin"], triton_dir)
         ptx = kernel.asm["ptx"]
         before_wait = ptx.split("griddepcontrol.wait")[0]
         mma_ends = [m.end() for m in re.finditer(r"\b(?:mma\.sync|wgmma\.mma_async)\b", ptx)]
@@ -135,19 +144,47 @@ def _compile_all(launches):
                         "l2_prefetches_before_wait": len(re.findall(r"\bprefetch\.global\.L2", before_wait)),
                         "grid_dependency_waits": len(re.findall(r"\bgriddepcontrol\.wait\b", ptx)),
                         "launch_dependents": len(re.findall(r"\bgriddepcontrol\.launch_dependents\b", ptx)),
-                        "memory_before_wait": before_wait == ptx or GLOBAL_MEMORY_PTX.search(before_wait) is not None})
+                        "memory_before_wait": before_wait == ptx or GLOBAL_MEMORY_PTX.search(before_wait) is not None,
+                        "acquire_loads": len(re.findall(r"\bld\.global\.gpu\.acquire\b", ptx)),
+                        "non_coherent_loads": len(re.findall(r"\bld\.global\.nc\b", ptx)),
+                        **_sass_memory_ordering(sass)})
     return results
 
 
-def _resource_usage(cubin, triton_dir):
-    """{REG, STACK, LOCAL, ...} of the one kernel in `cubin`, from `cuobjdump -res-usage`."""
+def _cuobjdump(cubin, triton_dir, option):
+    """The text `cuobjdump <option>` prints for `cubin` (Triton's bundled cuobjdump)."""
     cuobjdump = os.path.join(triton_dir, "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([cuobjdump, option, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def _resource_usage(cubin, triton_dir):
+    """{REG, STACK, LOCAL, ...} of the one kernel in `cubin`, from `cuobjdump -res-usage`."""
+    text = _cuobjdump(cubin, triton_dir, "-res-usage")
     line = next(line for line in text.splitlines() if "REG:" in line)
     return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", line)}
+
+
+def _sass_instructions(cubin, triton_dir):
+    """The SASS instructions of `cubin`, in order, without addresses, predicates and operands
+    (e.g. 'LDG.E.STRONG.GPU', 'CCTL.IVALL')."""
+    text = _cuobjdump(cubin, triton_dir, "-sass")
+    return re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", text)
+
+
+def _sass_memory_ordering(sass):
+    """{invalidating_acquire_loads, fenced_atomics} (see `compile_for_h100`) of a SASS listing."""
+    def next_is_invalidation(i):
+        return i + 1 < len(sass) and sass[i + 1] == "CCTL.IVALL"
+
+    acquire_loads = sum(1 for i, op in enumerate(sass)
+                        if op.startswith("LDG.") and op.endswith(".STRONG.GPU") and next_is_invalidation(i))
+    fenced = sum(1 for i, op in enumerate(sass)
+                 if op.startswith("ATOMG.") and next_is_invalidation(i)
+                 and any(prior.startswith("MEMBAR.") and prior.endswith(".GPU") for prior in sass[max(0, i - 3):i]))
+    return {"invalidating_acquire_loads": acquire_loads, "fenced_atomics": fenced}
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 register spills; checked on the CPU machine (see tests/sm90.py), so a CPU-only session learns
 about a kernel that would not build or would spill on the GPU before a GPU session runs it.
 """
+import inspect
+
 import pytest
 import torch
 
 from marfast import DiffLoss
 from marfast.diffusion import GaussianDiffusion
 from marfast.fused_head import ddpm_sample_loop_fused, packed_head, release_fused_cache
+from marfast.kernels import ddpm_sample_loop
 from marfast.kernels.add_layernorm import add_layernorm
 from marfast.kernels.linear_fused import interpreting, linear_gelu
 
@@ -61,6 +64,18 @@ def check_waits_for_previous_grid(compiled):
         assert not kernel["memory_before_wait"], f"{where}: global memory accessed before griddepcontrol.wait"
 
 
+def check_memory_ordering(kernel):
+    """A kernel whose programs hand data to each other: in its sm_90 machine code every
+    release-acquire atomic is fenced before (MEMBAR at GPU scope: this program's writes are out)
+    and invalidates L1 after (CCTL.IVALL: its later plain loads, which read through L1, see the
+    other programs' writes), every acquire load invalidates L1 too, and no load takes the
+    non-coherent path."""
+    where = f"{kernel['name']} {kernel['constants']}"
+    assert kernel["non_coherent_loads"] == 0, where
+    assert kernel["fenced_atomics"] >= kernel["release_acquire_atomics"] > 0, where
+    assert kernel["invalidating_acquire_loads"] >= kernel["acquire_loads"], where
+
+
 @pytest.mark.parametrize("state_rows", [4, 100, 2048], ids=["few_rows", "mid_rows", "many_rows"])
 def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     """The sampling loop with CFG: condition embedding, adaLN input, the Triton modulation GEMM,
@@ -82,6 +97,7 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     assert bool(split) == (not many), "K-split candidates are tried for GEMMs of few output tiles only"
     for kernel in split:  # the partial tiles are published with a release-acquire atomic and read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
+        check_memory_ordering(kernel)
     check_waits_for_previous_grid(compiled)
     for kernel in gemms:  # with PDL, skinny GEMMs ask L2 for their weights before waiting
         prefetching = kernel["constants"]["PREFETCH_K"] > 0
@@ -96,6 +112,7 @@ def test_fused_sampling_kernels_compile_for_h100(state_rows, monkeypatch):
     assert bool(split_final) == few, "the final layer splits the width at few rows only"
     for kernel in split_final:  # one arrival per program, partials read from L2
         assert kernel["release_acquire_atomics"] == 1 and kernel["l2_loads"] > 0, kernel["constants"]
+        check_memory_ordering(kernel)
     assert all(k["loads_after_last_mma"] == 0 for k in final), "the DDPM update's inputs are loaded before the K loop"
     final_blocks = {k["constants"]["BLOCK_M"] for k in final}
     if many:  # narrower row blocks are tried: 64-row programs would occupy 32 SMs
@@ -154,8 +171,9 @@ def test_one_launch_loop_compiles_for_h100(state_rows, monkeypatch):
     range (no step argument is specialised), no spills, PDL's wait before any memory
     access, release-acquire atomics (barrier arrivals and split-K arrivals), L2 prefetches of the
     next phase's weights, and 16-byte weight copies: the alignment hint on the per-block weight
-    pointers (read from a table) is what keeps them 16 bytes wide. The variant recording phase
-    times (profiling only) compiles without spills too."""
+    pointers (read from a table) is what keeps them 16 bytes wide. The grid barriers' and split-K
+    arrivals' memory ordering is in the machine code (`check_memory_ordering`). The variant
+    recording phase times (profiling only) compiles without spills too."""
     launches = record_sampling_launches(monkeypatch, state_rows, 3, loop_kernels="one_launch")
     loops = [launch for launch in launches if launch["name"] == "_ddpm_sample_loop_kernel"]
     assert not any(launch["kwargs"]["TIMESTAMPS"] for launch in loops)
@@ -167,8 +185,12 @@ def test_one_launch_loop_compiles_for_h100(state_rows, monkeypatch):
     steps = {"step_hi", "step_lo", "modulation_step", "first_state"}
     assert not any(steps & set(k["constants"]) for k in compiled)
     check_waits_for_previous_grid(compiled)
+    barrier_sites = inspect.getsource(ddpm_sample_loop._ddpm_sample_loop_kernel.fn).count("_grid_barrier(")
+    assert barrier_sites == 4
     for kernel in compiled:
         assert kernel["constants"]["BLOCK_M"] == max(16, 2 * state_rows)
         assert kernel["release_acquire_atomics"] >= 2 and kernel["l2_prefetches"] > 0, kernel["constants"]
+        assert kernel["acquire_loads"] >= barrier_sites, kernel["constants"]  # every barrier polls with acquire loads
+        check_memory_ordering(kernel)
     aligned = next(k for k in compiled if k["constants"] == {**compiled[-1]["constants"], "WEIGHT_ALIGN": 8})
     assert aligned["async_copies_16_bytes"] > compiled[-1]["async_copies_16_bytes"]
