@@ -119,6 +119,11 @@ def roofline_rates(args, device):
     return args.hbm_gbps, args.matmul_tflops, "--hbm-gbps and --matmul-tflops"
 
 
+def _loop_kernels_suffix(args):
+    """A profile label's mark of a forced --loop-kernels (only fused cases take one: parse_args)."""
+    return "" if args.loop_kernels == "auto" else f"-{args.loop_kernels}"
+
+
 def build_head_case(args, device):
     spec = HEADS[args.head]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -159,8 +164,7 @@ def build_head_case(args, device):
             "wall_us_per_step_unprofiled": wall_us,
             "wall_over_floor": wall_us / floor_us}}
 
-    label = f"head-{spec.name}-rows{args.rows}-{args.provider}" + (
-        f"-{args.loop_kernels}" if fused and args.loop_kernels != "auto" else "")
+    label = f"head-{spec.name}-rows{args.rows}-{args.provider}" + _loop_kernels_suffix(args)
     return ProfileCase("head", label, params, lambda: head.sample(z, temperature=1.0, cfg=HEAD_CFG), steps,
                        "DDPM step", args.warmup if args.warmup is not None else 2, graphs, extra)
 
@@ -227,8 +231,8 @@ def build_mar_case(args, device):
                     "hbm_gbps": gbps, "hbm_gbps_source": source, "floor_s_per_call": floor_s,
                     "wall_over_floor": statistics.median(wall_s) / floor_s}}
 
-    label = f"mar-{name}-b{args.batch}-iters{num_iter}-{args.provider}" + ("-graphs" if step_graphs else "") + (
-        f"-{args.loop_kernels}" if fused and args.loop_kernels != "auto" else "")
+    label = (f"mar-{name}-b{args.batch}-iters{num_iter}-{args.provider}" + ("-graphs" if step_graphs else "")
+             + _loop_kernels_suffix(args))
     return ProfileCase("mar", label, params, timer.wrap(sample), num_iter, "AR step",
                        args.warmup if args.warmup is not None else 1, graphs, extra)
 
