@@ -6,8 +6,8 @@ input dtype. Backends:
 
 - "fa2": FlashAttention-2, `flash_attn.flash_attn_func` (optional `flash-attn` package);
   CUDA compute capability >= 8.0, fp16/bf16, head dim <= 256.
-- "fa4": FlashAttention-4, `flash_attn.cute.flash_attn_func` (optional); Hopper or newer
-  (capability >= 9.0), fp16/bf16, head dim a multiple of 8 in 8..128, no attention dropout.
+- "fa4": FlashAttention-4, `flash_attn.cute.flash_attn_func` (optional); Hopper and datacenter
+  Blackwell (capability 9.x to 11.x, the range every release of it supports), fp16/bf16, head dim a multiple of 8 in 8..128, no attention dropout.
 - "sdpa_flash": `F.scaled_dot_product_attention` restricted to PyTorch's flash kernel; CUDA
   capability >= 8.0, fp16/bf16, head dim a multiple of 8 up to 256.
 - "math": softmax(q k^T / sqrt(Dh)) v written out in PyTorch (fp16/bf16 inputs are computed in
@@ -100,6 +100,8 @@ def rejection(backend, device, dtype, head_dim, dropout_p=0.0):
         return f"{backend} needs a CUDA device, got {torch.device(device)}"
     if capability < min_capability:
         return f"{backend} needs CUDA compute capability >= {min_capability}, got {capability}"
+    if backend == "fa4" and capability[0] > 11:
+        return f"fa4 supports CUDA compute capabilities 9.x to 11.x, got {capability}"
     if dtype not in HALF_DTYPES:
         return f"{backend} needs float16 or bfloat16 inputs, got {dtype} (use bf16 autocast)"
     if backend == "fa2" and head_dim > 256:
@@ -150,11 +152,12 @@ def math_attention(q, k, v, dropout_p=0.0):
     dtype = q.dtype
     compute_dtype = torch.promote_types(dtype, torch.float32)
     q, k, v = (t.transpose(1, 2).to(compute_dtype) for t in (q, k, v))
-    scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
-    probs = scores.softmax(dim=-1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v).transpose(1, 2).to(dtype)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the matmuls in its low dtype
+        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
+        probs = scores.softmax(dim=-1)
+        if dropout_p > 0.0:
+            probs = F.dropout(probs, p=dropout_p)
+        return torch.matmul(probs, v).transpose(1, 2).to(dtype)
 
 
 def sdpa_flash_attention(q, k, v, dropout_p=0.0):

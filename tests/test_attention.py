@@ -86,6 +86,21 @@ def test_sdpa_flash_wiring_on_cpu(env, fake_gpu, dtype):
     assert_close(attn.attention(q, k, v, backend="math"), reference_attention(q, k, v), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_math_path_computes_in_float32_under_autocast(dtype):
+    """Under autocast the math path's matmuls still run in float32: bitwise the result outside
+    autocast, and fp16 scores above 65504 (|q.k| / sqrt(Dh) = 80,000 here) do not overflow."""
+    q, k, v = random_qkv((2, 16, 2, 16), dtype, seed=5)
+    outside = attn.math_attention(q, k, v)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.equal(attn.math_attention(q, k, v), outside)
+    big = torch.full((1, 4, 1, 64), 100.0, dtype=dtype)
+    values = torch.randn(1, 4, 1, 64).to(dtype)
+    with torch.autocast("cpu", dtype=dtype):
+        out = attn.math_attention(big, big, values)
+    assert_close(out, reference_attention(big, big, values), dtype)
+
+
 def test_math_path_gradients_match_float64_reference():
     q, k, v = (t.detach().clone().requires_grad_() for t in random_qkv((2, 9, 2, 8), torch.float32, seed=2))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -137,6 +152,10 @@ def test_forced_backend_that_cannot_take_the_inputs_raises(env, fake_gpu, monkey
     install_fa4_stand_in(monkeypatch, [])
     with pytest.raises(RuntimeError, match="fa4 cannot run these inputs: .*capability >= \\(9, 0\\)"):
         attn.attention(*random_qkv((1, 4, 2, 8), torch.bfloat16), backend="fa4")
+    fake_gpu((12, 0))  # consumer Blackwell: flash_attn.cute asserts on it, so auto takes SDPA's flash kernel
+    with pytest.raises(RuntimeError, match="fa4 cannot run these inputs: .*9.x to 11.x"):
+        attn.attention(*random_qkv((1, 4, 2, 8), torch.bfloat16), backend="fa4")
+    assert attn.active_backend("cuda", torch.bfloat16) == "sdpa_flash"
 
 
 def test_forced_math_runs_everywhere_and_bad_names_raise(env):
