@@ -222,7 +222,7 @@ class DiscreteMAR(nn.Module):
         self.blocks = nn.ModuleList()
         for _ in range(num_layers):
             block = Block(embed_dim, num_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=dropout, attn_drop=0.0)
-            block.mlp.drop1 = nn.Identity()  # the documented block drops out the FFN's output only
+            block.mlp.drop1 = nn.Dropout(0.0)  # the documented block drops out the FFN's output only
             self.blocks.append(block)
         self.final_norm = nn.LayerNorm(embed_dim)
         self.lm_head = nn.Linear(embed_dim, vocab_size)
@@ -419,9 +419,11 @@ class CrossEntropyMAR(MAR):
         if patch_size != 1:
             raise ValueError(f"CrossEntropyMAR predicts one code per position: patch_size must be 1, got {patch_size}")
         not_applicable = {"vae_embed_dim", "diffloss_d", "diffloss_w", "num_sampling_steps", "diffusion_batch_mul",
-                          "sample_clip"} & set(mar_kwargs)
+                          "sample_clip", "head", "head_num_heads", "head_mlp_ratio", "denoising_head",
+                          "denoising_width", "input_noise_max_t"} & set(mar_kwargs)
         if not_applicable:
-            raise ValueError(f"{sorted(not_applicable)} do not apply to CrossEntropyMAR (it has no diffusion head)")
+            raise ValueError(f"{sorted(not_applicable)} do not apply to CrossEntropyMAR (it has no diffusion head "
+                             f"and no De-MAR heads)")
         super().__init__(patch_size=1, vae_embed_dim=code_embed_dim, diffloss_d=0, diffloss_w=1,
                          num_sampling_steps="1", **mar_kwargs)
         del self.diffloss

@@ -334,6 +334,20 @@ def test_discrete_training_loss_and_bad_inputs():
         mar_loss(torch.zeros(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 2]]))
 
 
+def test_discrete_mar_in_training_mode_runs_the_fused_blocks_without_autograd():
+    """A validation pass under no_grad without .eval(): the blocks take their fused inference path
+    (what "auto" picks on CUDA), which reads the FFN's dropout; with dropout 0 it is the eval pass."""
+    from marfast.mar import set_norm_backend
+
+    model = tiny_discrete(num_classes=10)
+    set_norm_backend(model, "triton")
+    tokens, labels = torch.randint(1, VOCAB, (2, 16)), torch.tensor([3, 7])
+    with torch.no_grad():
+        evaluated = model.eval()(tokens, labels)
+        trained = model.train()(tokens, labels)
+    torch.testing.assert_close(trained, evaluated, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # cross-entropy MAR
 
@@ -367,8 +381,10 @@ def test_cross_entropy_mar_loss_sampling_and_bad_inputs():
         model(torch.zeros(1, 15, dtype=torch.long), torch.tensor([0]))
     with pytest.raises(ValueError, match="patch_size must be 1"):
         tiny_ce_mar(patch_size=2)
-    with pytest.raises(ValueError, match="do not apply"):
-        tiny_ce_mar(diffloss_w=64)
+    for option in (dict(diffloss_w=64), dict(denoising_head=True), dict(head="transformer"),
+                   dict(input_noise_max_t=500)):
+        with pytest.raises(ValueError, match="do not apply"):
+            tiny_ce_mar(**option)
     with pytest.raises(NotImplementedError, match="state_dict"):
         model.save_pretrained("unused")
 
