@@ -173,6 +173,12 @@ class ContextBoundDenoiser(nn.Module):
         return out.reshape(x.shape[0], -1)
 
 
+def default_head_count(width):
+    """Heads of 64 channels where 64 divides the width, else the most heads of at least 64 channels
+    that divide it (width 1000: 10 heads of 100)."""
+    return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
+
+
 class TransformerDiffLoss(DiffusionHead):
     """The De-MAR Transformer diffusion head.
 
@@ -187,7 +193,7 @@ class TransformerDiffLoss(DiffusionHead):
     def __init__(self, target_channels, z_channels, depth, width, num_sampling_steps, num_heads=None, mlp_ratio=4.0,
                  grad_checkpointing=False):
         super().__init__(target_channels, z_channels, num_sampling_steps)
-        num_heads = num_heads or max(1, width // 64)
+        num_heads = num_heads or default_head_count(width)
         self.net = TransformerDenoiser(target_channels, width, 2 * target_channels, z_channels, depth, num_heads,
                                        mlp_ratio, grad_checkpointing)
 

@@ -76,6 +76,13 @@ def test_bad_options_raise(kwargs, message):
         tiny_mar(**kwargs)
 
 
+@pytest.mark.parametrize("width, heads", [(16, 1), (1024, 16), (1280, 20), (1000, 10), (200, 2), (67, 1)])
+def test_default_head_count_divides_the_width(width, heads):
+    from marfast.demar import default_head_count
+
+    assert default_head_count(width) == heads
+
+
 # ------------------------------------------------------------------------------------------------
 # the Transformer diffusion head
 
