@@ -135,6 +135,7 @@ class CausalAR(nn.Module):
     check_latents = MAR.check_latents
     check_labels = MAR.check_labels
     cfg_for_step = MAR.cfg_for_step
+    token_dtype = MAR.token_dtype
 
     def __init__(self, order="raster", img_size=256, vae_stride=16, patch_size=1,
                  encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16,
@@ -211,7 +212,8 @@ class CausalAR(nn.Module):
 
     def token_slots(self, tokens, positions):
         """Tokens [B, n, Ct] at original positions long [B, n] -> normalised encoder inputs [B, n, D]."""
-        return self.z_proj_ln(self.z_proj(tokens) + self.encoder_pos_embed_learned[0, 1:][positions])
+        x = self.z_proj(tokens.to(self.z_proj.weight.dtype))
+        return self.z_proj_ln(x + self.encoder_pos_embed_learned[0, 1:][positions])
 
     def transformer(self, x, targets, cache=None):
         """Encoder inputs of slots [s, s + n) [B, n, D] (the s earlier slots in `cache`, or s = 0),
@@ -247,7 +249,7 @@ class CausalAR(nn.Module):
         self.check_latents(imgs)
         self.check_labels(labels, imgs.shape[0])
         labels = labels.to(self.device)
-        x = self.patchify(imgs.to(self.device))
+        x = self.patchify(imgs.to(self.device, self.token_dtype))
         bsz, seq_len, channels = x.shape
         orders = self.sample_orders(bsz, generator)
         tokens = x.gather(1, orders.unsqueeze(-1).expand(-1, -1, channels))
@@ -284,8 +286,7 @@ class CausalAR(nn.Module):
         class_embedding = sampling_class_embeddings(self, bsz, labels, cfg != 1.0)
         rows_orders = torch.cat([orders, orders]) if cfg != 1.0 else orders
         rows = class_embedding.shape[0]
-        token_dtype = torch.promote_types(self.z_proj.weight.dtype, torch.float32)
-        tokens = torch.zeros(rows, self.seq_len, self.token_embed_dim, device=self.device, dtype=token_dtype)
+        tokens = torch.zeros(rows, self.seq_len, self.token_embed_dim, device=self.device, dtype=self.token_dtype)
         conditions = []
         cache = self.new_cache() if use_cache else None
         steps = range(self.seq_len)

@@ -283,10 +283,12 @@ class DenoisingHead(nn.Module):
                              f"and {z.shape[0]}" + ("" if clean is None else f" and {clean.shape[0]}"))
 
     def refine(self, noisy, z):
-        return self.refine_fc2(F.silu(self.refine_fc1(torch.cat([noisy, z], dim=-1)))) + noisy
+        inputs = torch.cat([noisy, z], dim=-1).to(self.refine_fc1.weight.dtype)  # cat promotes: float32 tokens
+        return self.refine_fc2(F.silu(self.refine_fc1(inputs))) + noisy
 
     def assess(self, noisy, refined, z):
-        return self.assess_fc2(F.silu(self.assess_fc1(torch.cat([noisy, refined, z], dim=-1))))
+        inputs = torch.cat([noisy, refined, z], dim=-1).to(self.assess_fc1.weight.dtype)
+        return self.assess_fc2(F.silu(self.assess_fc1(inputs)))
 
     def forward(self, noisy, z):
         self.check_rows(noisy, z)

@@ -268,8 +268,8 @@ class MAR(nn.Module):
     sample(labels, ...) -> latents, or images when a tokenizer with `decode` is attached.
 
     De-MAR options (marfast.demar; off by default, leaving the official model unchanged):
-    head="transformer" (diffloss_d blocks of width diffloss_w, head_num_heads attention heads,
-    head_mlp_ratio), denoising_head=True (refinement/assessment MLPs of width denoising_width,
+    head="transformer" (diffloss_d blocks of width diffloss_w, head_num_heads attention heads (default:
+    `marfast.demar.default_head_count`), head_mlp_ratio), denoising_head=True (refinement/assessment MLPs of width denoising_width,
     default the decoder width) and input_noise_max_t (training-time noise levels on the unmasked
     inputs: 0..N-1 of 1000; default 100 with the denoising head, else 0).
     """
@@ -360,6 +360,12 @@ class MAR(nn.Module):
     def device(self):
         return self.fake_latent.device
 
+    @property
+    def token_dtype(self):
+        """The dtype latent tokens are kept in: float32, or float64 for a float64 model (a bf16 or
+        fp16 model still samples and trains its targets in float32, as under autocast)."""
+        return torch.promote_types(self.fake_latent.dtype, torch.float32)
+
     @classmethod
     def load(cls, source, vae=None, ema=True, device=None, dtype=None, revision=None):
         """Load a model: a save_pretrained directory, an official checkpoint (.pth, EMA weights by
@@ -411,7 +417,7 @@ class MAR(nn.Module):
         """Tokens [B, L, Ct], class emb [B, D] -> normalised encoder inputs of the buffer and of
         every position [B, buffer + L, D] (in training the class embedding is replaced by the
         fake latent with probability label_drop_prob)."""
-        x = self.z_proj(x)
+        x = self.z_proj(x.to(self.z_proj.weight.dtype))
         bsz, _, embed_dim = x.shape
         x = torch.cat([x.new_zeros(bsz, self.buffer_size, embed_dim), x], dim=1)
         if self.training:
@@ -494,7 +500,7 @@ class MAR(nn.Module):
         self.check_labels(labels, imgs.shape[0])
         labels = labels.to(self.device)
         class_embedding = self.class_emb(labels)
-        x = self.patchify(imgs)
+        x = self.patchify(imgs.to(self.device, self.token_dtype))
         gt_latents = x.clone().detach()
         orders = self.sample_orders(x.size(0), generator)
         mask = self.random_masking(x, orders, generator)
@@ -546,7 +552,7 @@ class MAR(nn.Module):
             labels = labels.to(self.device)
         dev = self.device
         mask = torch.ones(bsz, self.seq_len, device=dev)
-        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=dev)
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=dev, dtype=self.token_dtype)
         orders = self.sample_orders(bsz, generator)
         masked_now = self.seq_len
         steps = range(num_iter)

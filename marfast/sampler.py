@@ -164,7 +164,7 @@ class StepGraphs:
         dev = model.device
         self.use_cfg = use_cfg
         self.autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        self.tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=dev)
+        self.tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=dev, dtype=model.token_dtype)
         self.orders = torch.zeros(bsz, model.seq_len, dtype=torch.long, device=dev)
         self.class_embedding = torch.zeros(2 * bsz if use_cfg else bsz, model.fake_latent.shape[-1],
                                            dtype=model.fake_latent.dtype, device=dev)
@@ -346,7 +346,7 @@ def sample_tokens_fast(model, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", 
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_requested()
     plans = plan_steps(model, num_iter, cfg, cfg_schedule)
-    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device)
+    tokens = torch.zeros(bsz, model.seq_len, model.token_embed_dim, device=model.device, dtype=model.token_dtype)
     orders = model.sample_orders(bsz, generator)
     class_embedding = sampling_class_embeddings(model, bsz, labels, cfg != 1.0)
     graphs = step_graphs_for(model, bsz, cfg != 1.0) if cuda_graphs else None

@@ -125,6 +125,34 @@ def test_every_token_is_written_by_sampling():
     assert torch.all(out == 7.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", [{}, dict(head="transformer", denoising_head=True)], ids=["mar", "de_mar"])
+def test_models_cast_to_another_dtype_sample_and_train(dtype, variant):
+    """A model cast to bf16/fp16 (`MAR.load(..., dtype=)`) keeps its tokens and targets in float32,
+    a float64 model in float64; both loops sample and the loss trains with latents of any float dtype."""
+    torch.manual_seed(0)
+    model = tiny_mar(sample_clip=(-3.0, 3.0), **variant)  # clipped x0: tokens of a latent's size (fp16 holds them)
+    with torch.no_grad():
+        for p in model.parameters():  # no zero-initialised layer: every weight gets a gradient
+            p.add_(0.05 * torch.randn_like(p))
+    model = model.to(dtype).eval()
+    token_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    labels = torch.tensor([1, 2])
+    reference = model.sample_tokens(2, 3, cfg=2.0, labels=labels, generator=torch.Generator().manual_seed(1))
+    fast = model.sample_tokens_fast(2, 3, cfg=2.0, labels=labels, generator=torch.Generator().manual_seed(1))
+    assert reference.dtype == fast.dtype == token_dtype and torch.isfinite(reference).all()
+    if dtype == torch.float64:
+        torch.testing.assert_close(fast, reference, rtol=1e-9, atol=1e-9)
+    assert model.sample([1, 2], num_iter=2, seed=0, progress=False).dtype == token_dtype
+    model.train()
+    for latents_dtype in (torch.float32, torch.float64):
+        model.zero_grad()
+        loss = model(torch.randn(2, 3, 4, 4, dtype=latents_dtype), labels, generator=torch.Generator().manual_seed(2))
+        loss.backward()
+        assert loss.dtype == token_dtype and torch.isfinite(loss)
+        assert model.encoder_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_bad_inputs_raise_clear_errors():
     model = tiny_mar()
     with pytest.raises(ValueError, match="latents must have shape"):

@@ -433,6 +433,18 @@ def test_causal_ar_is_causal_and_trains():
     assert model.sample_tokens(2, labels=torch.tensor([1, 2])).shape == (2, 4, 4, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_causal_ar_cast_to_another_dtype_samples_and_trains(dtype):
+    """Tokens and targets stay float32 for a bf16 model (float64 for a float64 one)."""
+    model = tiny_ar("random").to(dtype).eval()
+    token_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    sampled = model.sample_tokens(2, cfg=2.0, labels=torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert sampled.dtype == token_dtype and torch.isfinite(sampled).all()
+    loss = model.train()(torch.rand(2, 4, 4, 4) * 2 - 1, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_causal_attention_chunks_match_one_pass():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 5, dtype=torch.float64, generator=generator) for _ in range(3))
