@@ -112,11 +112,32 @@ def test_accelerate_keeps_low_precision_weights():
     assert all(p.dtype == torch.bfloat16 for p in model.diffloss.parameters())
 
 
-def test_accelerate_on_a_marfast_head_sets_the_backend():
+def test_accelerate_on_a_marfast_head_sets_the_backend_and_steps():
     model = ForeignMAR(DiffLoss(16, 24, 1, 40, 3))
     head = model.diffloss
     marfast.accelerate(model, backend="torch")
-    assert model.diffloss is head and head.backend == "torch"
+    assert model.diffloss is head and head.backend == "torch" and head.gen_diffusion.num_timesteps == 3
+    marfast.accelerate(model, num_sampling_steps="25")
+    assert head.num_sampling_steps == head.gen_diffusion.num_timesteps == 25
+
+
+def test_accelerate_keeps_the_parameter_objects_for_optimizers():
+    """An optimizer (or EMA list) built before accelerate keeps training the head; frozen
+    parameters stay frozen and gradients already accumulated are kept."""
+    model = foreign_model(torch.float32)
+    params = list(model.diffloss.parameters())
+    model.diffloss.net.time_embed.mlp[0].weight.requires_grad_(False)
+    model.diffloss.net.input_proj.bias.grad = torch.ones(40)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    marfast.accelerate(model, backend="torch")
+    assert [p for p in model.diffloss.parameters()] == params
+    assert not model.diffloss.net.time_embed.mlp[0].weight.requires_grad
+    assert torch.equal(model.diffloss.net.input_proj.bias.grad, torch.ones(40))
+    before = model.diffloss.net.input_proj.weight.detach().clone()
+    optimizer.zero_grad()
+    model.diffloss(torch.randn(6, 16), torch.randn(6, 24)).backward()
+    optimizer.step()
+    assert not torch.equal(model.diffloss.net.input_proj.weight, before)
 
 
 def test_accelerate_rejects_what_it_cannot_convert():
