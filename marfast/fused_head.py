@@ -201,14 +201,22 @@ def _signature(net):
                  for p in net.parameters())
 
 
+def _forget_pack(net, incompatible_keys):
+    _PACKS.pop(net, None)
+
+
 def packed_head(net):
-    """The cached `PackedHead` of `net`, rebuilt if any parameter changed since it was packed."""
+    """The cached `PackedHead` of `net`, rebuilt if any parameter changed since it was packed: replaced,
+    updated in place (version counters), or loaded by `load_state_dict` (a post-hook: a load under
+    inference_mode writes inference tensors, which have no version counter)."""
     signature = _signature(net)
     pack = _PACKS.get(net)
     if pack is None or pack.signature != signature:
         with torch.inference_mode(False), torch.no_grad():
             pack = PackedHead(net, signature)
         _PACKS[net] = pack
+        if _forget_pack not in net._load_state_dict_post_hooks.values():
+            net.register_load_state_dict_post_hook(_forget_pack)
     return pack
 
 

@@ -221,20 +221,28 @@ class StepGraphs:
 _step_graphs = weakref.WeakKeyDictionary()
 
 
+def _forget_step_graphs(model, incompatible_keys):
+    _step_graphs.pop(model, None)
+
+
 def step_graphs_for(model, bsz, use_cfg):
     """The StepGraphs of `model` for this batch size, CFG setting and the current autocast state and
     attention backend request, cached on the model (one configuration at a time, so the graphs'
     memory pool of a previous configuration is released). Parameters replaced or updated in place
     since the capture (e.g. by `.to(dtype)`, `load_state_dict` or an optimizer step; writes through
-    `.data` bypass version counters) invalidate the cache."""
+    `.data` bypass version counters) invalidate the cache; so does any `load_state_dict` into the
+    model (a post-hook: under inference_mode it writes inference tensors, which have no version)."""
     key = (bsz, use_cfg, model.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
            requested_attention_backend(),
-           tuple((p.data_ptr(), p._version, p.dtype, p.shape) for p in model.parameters()))
+           tuple((p.data_ptr(), None if p.is_inference() else p._version, p.dtype, p.shape)
+                 for p in model.parameters()))
     cached = _step_graphs.get(model)
     if cached is None or cached[0] != key:
         _step_graphs.pop(model, None)
         cached = (key, StepGraphs(model, bsz, use_cfg))
         _step_graphs[model] = cached
+        if _forget_step_graphs not in model._load_state_dict_post_hooks.values():
+            model.register_load_state_dict_post_hook(_forget_step_graphs)
     return cached[1]
 
 

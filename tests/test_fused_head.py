@@ -574,6 +574,26 @@ def test_packed_weights_follow_parameter_updates():
     assert packed_head(net) is not first
 
 
+def test_packed_weights_follow_a_load_under_inference_mode():
+    """A head built under inference_mode has inference-tensor parameters (no version counters):
+    load_state_dict writes them in place, and the pack still follows (against float64)."""
+    diffusion, z, x, noise, draw_noise = loop_inputs(3, 5, 2.0, 16, 24)
+    with torch.inference_mode():
+        net = make_net(40, 2)
+    assert net.input_proj.weight.is_inference()
+    for seed in (1, 2):
+        net64 = make_net(40, 2, device="cpu").double()
+        randomize(net64, seed)
+        with torch.inference_mode():
+            net.load_state_dict(net64.state_dict())
+            z_on, x_on, noise_on = on_device(z, x, noise)
+            fused = ddpm_sample_loop_fused(net, diffusion, z_on, x_on, 1.0, 2.0, noise_on)
+        reference = ddpm_sample_loop_reference(net64, diffusion, z.double(), x.double(), 1.0, 2.0,
+                                               lambda step: draw_noise(step, net64.input_proj.weight))
+        assert relative_error(fused[:5], reference[:5]) < 1e-5
+    release_fused_cache(net)
+
+
 def test_fused_loop_ignores_autocast():
     net = make_net(40, 1)
     diffusion = GaussianDiffusion(2)

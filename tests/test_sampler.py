@@ -207,6 +207,10 @@ def test_cuda_graphs_switch(monkeypatch):
     monkeypatch.setenv(CUDA_GRAPHS_ENV_VAR, "1")
     with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
         model.sample_tokens_fast(2, num_iter=2)
+    with torch.inference_mode():  # inference-tensor parameters have no version counter to key the cache on
+        built_without_autograd = random_tiny_mar()
+    with pytest.raises(ValueError, match="CUDA graphs need the model on a CUDA device"):
+        built_without_autograd.sample_tokens_fast(2, num_iter=2)
     monkeypatch.setenv(CUDA_GRAPHS_ENV_VAR, "yes")
     with pytest.raises(ValueError, match="MARFAST_CUDA_GRAPHS must be 0 or 1"):
         model.sample_tokens_fast(2, num_iter=2)
@@ -320,6 +324,9 @@ def test_gpu_cuda_graph_cache_follows_configuration_and_parameters():
     graphs = step_graphs_for(model, 4, True)
     with torch.no_grad():
         model.decoder_blocks[0].mlp.fc1.weight.mul_(1.5)  # in place: stale weight copies under autocast
+    assert step_graphs_for(model, 4, True) is not graphs
+    graphs = step_graphs_for(model, 4, True)
+    model.load_state_dict(model.state_dict())  # every load drops the graphs (a post-hook)
     assert step_graphs_for(model, 4, True) is not graphs
     model.train()
     with pytest.raises(ValueError, match="eval mode"):
