@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 STATS_GROUP = 32
 MAX_STATS_CHUNK = 64  # statistics groups read per load: rows up to 2048 wide are read in one
@@ -470,8 +471,9 @@ def _linear_fused_kernel(
 
 
 def interpreting():
-    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when this process's Triton kernels run under the CPU interpreter: TRITON_INTERPRET=1
+    was set when they were defined (Triton reads it then; setting it after import changes nothing)."""
+    return isinstance(wait_for_previous_grid, InterpretedFunction)
 
 
 def gpu_configs(device):

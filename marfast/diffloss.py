@@ -5,7 +5,6 @@ load strictly). This plain-PyTorch code is the readable spec of the head and the
 the fused Triton path must compute the same function.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -13,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .diffusion import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, parse_num_steps, timestep_embedding
 from .fused_training import denoiser_forward_fused
+from .kernels.linear_fused import interpreting
 
 
 BACKENDS = ("auto", "triton", "torch")
@@ -132,23 +132,26 @@ def check_float_tensor(name, x, ndim, last_dim=None):
         raise ValueError(f"{name} must have {last_dim} channels in its last dimension, got shape {tuple(x.shape)}")
 
 
+def finite_scalar(name, value):
+    """`value` (a number or a one-element tensor, as the official sampler passes cfg) as a finite float."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def as_cfg_scale(cfg):
-    """The CFG scale as a python float (the official sampler passes a one-element tensor)."""
-    if isinstance(cfg, torch.Tensor):
-        if cfg.numel() != 1:
-            raise ValueError(f"cfg must be a number or a one-element tensor, got shape {tuple(cfg.shape)}")
-        cfg = cfg.item()
-    cfg = float(cfg)
-    if not math.isfinite(cfg):
-        raise ValueError(f"cfg must be finite, got {cfg}")
-    return cfg
+    """The CFG scale as a python float."""
+    return finite_scalar("cfg", cfg)
 
 
 def check_temperature(temperature):
-    if isinstance(temperature, torch.Tensor):
-        temperature = temperature.item()
-    temperature = float(temperature)
-    if not temperature >= 0 or not math.isfinite(temperature):
+    temperature = finite_scalar("temperature", temperature)
+    if not temperature >= 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
     return temperature
 
@@ -245,8 +248,12 @@ class DiffusionHead(nn.Module):
         super().__init__()
         self.in_channels = target_channels
         self.z_channels = z_channels
-        self.num_sampling_steps = parse_num_steps(num_sampling_steps)
         self.train_diffusion = GaussianDiffusion(NUM_TRAIN_TIMESTEPS)
+        self.set_sampling_steps(num_sampling_steps)
+
+    def set_sampling_steps(self, num_sampling_steps):
+        """Respace the sampling diffusion to `num_sampling_steps` ("100" or 100)."""
+        self.num_sampling_steps = parse_num_steps(num_sampling_steps)
         self.gen_diffusion = GaussianDiffusion(self.num_sampling_steps)
 
     def extra_repr(self):
@@ -291,8 +298,9 @@ class DiffLoss(DiffusionHead):
             return "torch"
         if self.backend == "auto":
             return "triton" if device.type == "cuda" else "torch"
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1, got tensors on {device}")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"backend='triton' needs a CUDA device or the Triton CPU interpreter (TRITON_INTERPRET=1 "
+                               f"set before marfast is imported), got tensors on {device}")
         return "triton"
 
     def _check_rows(self, target, z):

@@ -1,5 +1,8 @@
 """DiffLoss: official state-dict layout, denoiser semantics, loss, sampler conventions, bad input."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -199,6 +202,8 @@ def test_bad_inputs_raise_clear_errors():
         head.sample(z[:3], cfg=2.0)
     with pytest.raises(ValueError, match="temperature"):
         head.sample(z, temperature=-0.1)
+    with pytest.raises(ValueError, match="temperature must be a number or a one-element tensor"):
+        head.sample(z, temperature=torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match="noise must have shape"):
         head.sample(z, noise=torch.randn(3, 3))
     with pytest.raises(TypeError, match="floating-point"):
@@ -290,3 +295,22 @@ def test_head_learns_a_conditional_mixture():
             std = resid.std(dim=0)
             assert torch.all((std > 0.05) & (std < 0.2)), std  # the right spread (0.1)
             assert resid.mean(dim=0).abs().max() < 0.05  # centred on the modes
+
+
+def test_triton_backend_off_cuda_needs_the_interpreter_from_import_time():
+    """Triton reads TRITON_INTERPRET when the kernels are defined: set only after importing marfast,
+    the triton backend refuses CPU tensors with the reason instead of failing inside Triton."""
+    script = ("import os, torch\n"
+              "from marfast import DiffLoss\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "head = DiffLoss(3, 6, 1, 8, '4', backend='triton')\n"
+              "for call in (lambda: head(torch.randn(2, 3), torch.randn(2, 6)), lambda: head.sample(torch.randn(2, 6))):\n"
+              "    try:\n"
+              "        call()\n"
+              "    except RuntimeError as err:\n"
+              "        print(err)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and all("set before marfast is imported" in line for line in lines), done.stdout
