@@ -15,6 +15,7 @@ Layers: `_gated_residual_fwd_kernel` / `_gated_residual_bwd_kernel` (Triton),
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .layernorm_modulate import SUPPORTED_DTYPES, check_rows, backward_programs
 
@@ -170,6 +171,7 @@ class GatedResidualFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         gate, h = ctx.saved_tensors
         dout = dout.contiguous()

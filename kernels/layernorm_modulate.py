@@ -15,6 +15,7 @@ Layers: `_layernorm_modulate_fwd_kernel` / `_layernorm_modulate_bwd_kernel` (Tri
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TILE_ELEMENTS = 2048  # elements of one [BLOCK_M, BLOCK_N] tile
@@ -360,6 +361,7 @@ class LayerNormModulateFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, weight, bias, scale, mean, rstd = ctx.saved_tensors
         dx, dweight, dbias, dscale, dshift, _, _ = layernorm_modulate_backward(

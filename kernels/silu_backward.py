@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from .gated_residual import check_same_rows, launch_config
 from .layernorm_modulate import check_rows, backward_programs
@@ -89,6 +90,7 @@ class SiLUFunction(torch.autograd.Function):
         return F.silu(pre_act)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_act):
         (pre_act,) = ctx.saved_tensors
         d_pre_act, _ = silu_backward(d_act.contiguous(), pre_act)

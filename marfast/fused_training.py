@@ -29,6 +29,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import NUM_TRAIN_TIMESTEPS
@@ -96,6 +97,7 @@ class FusedResBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     @_backward_without_autocast
     def backward(ctx, dout):
         (x, modulation, silu_y, ada_weight, ln_weight, ln_bias, fc1_weight, fc2_weight, fc2_bias,
@@ -149,6 +151,7 @@ class FusedFinalLayerFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     @_backward_without_autocast
     def backward(ctx, dout):
         x, modulation, silu_y, ada_weight, weight, mean, rstd = ctx.saved_tensors
@@ -205,6 +208,7 @@ class ConditionSiLUFunction(torch.autograd.Function):
         return F.silu(y, inplace=True)
 
     @staticmethod
+    @once_differentiable
     @_backward_without_autocast
     def backward(ctx, d_silu_y):
         time_rows, index, c, cond_weight = ctx.saved_tensors

@@ -436,6 +436,24 @@ def test_diffloss_triton_backend_matches_torch_backend(rows, masked, poisoned_al
         assert_rel(p.grad, q.grad, 1e-4, f"d{name}")
 
 
+def test_double_backward_needs_the_torch_backend():
+    """The fused Functions give first-order gradients only: a gradient of a gradient (e.g. a
+    gradient penalty) raises a clear error instead of failing inside a kernel's backward."""
+    head = DiffLoss(target_channels=4, z_channels=24, depth=2, width=40, num_sampling_steps="5", backend="triton")
+    with torch.no_grad():
+        head.net.load_state_dict(random_net(4, 40, 24, 2, seed=1).state_dict())
+    target, z, t = torch.randn(5, 4), torch.randn(5, 24).requires_grad_(), torch.randint(0, 1000, (5,))
+    for backend in ("torch", "triton"):
+        head.backend = backend
+        (dz,) = torch.autograd.grad(head(target, z, t=t, noise=torch.ones(5, 4)), z, create_graph=True)
+        if backend == "torch":
+            dz.square().sum().backward()
+            assert z.grad.abs().sum() > 0
+        else:
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                dz.square().sum().backward()
+
+
 # ------------------------------------------------------------------ GPU: bf16 / fp16 parity at the released head sizes
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
