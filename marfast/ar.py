@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .diffloss import DiffLoss, as_cfg_scale, check_temperature
-from .mar import (CFG_SCHEDULES, MAR, Attention, Block, init_official_weights, sample_labels_in_eval_mode,
-                  sampling_class_embeddings, set_token_geometry)
+from .mar import (CFG_SCHEDULES, MAR, Attention, Block, check_batch_size, init_official_weights,
+                  sample_labels_in_eval_mode, sampling_class_embeddings, set_token_geometry)
 
 ORDERS = ("raster", "random")
 
@@ -277,8 +277,7 @@ class CausalAR(nn.Module):
         cfg, temperature = as_cfg_scale(cfg), check_temperature(temperature)
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 1:
-            raise ValueError(f"bsz must be a positive integer, got {bsz!r}")
+        check_batch_size(bsz)
         if labels is not None:
             self.check_labels(labels, bsz)
             labels = labels.to(self.device)

@@ -70,7 +70,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .mar import MAR, Block, mask_by_order, next_mask_len, sampling_class_embeddings
+from .mar import MAR, Block, check_batch_size, mask_by_order, next_mask_len, sampling_class_embeddings
 
 MASK_TOKEN_ID = 0
 MODES = ("documented", "maskgit")
@@ -475,6 +475,7 @@ class CrossEntropyMAR(MAR):
         softmax(logits / temperature) (argmax at 0). With cfg != 1 the logits are guided:
         uncond + cfg_step * (cond - uncond) (the unconditional half uses the fake latent).
         Returns codes long [bsz, L]."""
+        check_batch_size(bsz)
         cfg, temperature = self.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
         if labels is not None:
             self.check_labels(labels, bsz)

@@ -7,6 +7,7 @@ NumPy's global RNG (so a seed reproduces a sample), and `class_emb` has `class_n
 official code always allocates 1000).
 """
 import math
+import numbers
 from functools import partial
 
 import torch
@@ -525,7 +526,7 @@ class MAR(nn.Module):
     # ----------------------------------------------------------------------------------------
     # sampling
     def check_sampling_args(self, num_iter, cfg, cfg_schedule, temperature):
-        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or not 1 <= num_iter <= self.seq_len:
+        if isinstance(num_iter, bool) or not isinstance(num_iter, numbers.Integral) or not 1 <= num_iter <= self.seq_len:
             raise ValueError(f"num_iter must be an integer in 1..{self.seq_len}, got {num_iter!r}")
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
@@ -546,6 +547,7 @@ class MAR(nn.Module):
         every step first replaces the known tokens by the head's mix of each token and its
         refinement, conditioned on the conditional half's decoder outputs.
         """
+        check_batch_size(bsz)
         cfg, temperature = self.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
         if labels is not None:
             self.check_labels(labels, bsz)
@@ -628,6 +630,11 @@ class MAR(nn.Module):
         return images_to_pil(images) if pil else images
 
 
+def check_batch_size(bsz):
+    if isinstance(bsz, bool) or not isinstance(bsz, numbers.Integral) or bsz < 1:
+        raise ValueError(f"bsz must be a positive integer, got {bsz!r}")
+
+
 def sample_labels_in_eval_mode(model, labels, seed, generator, sample_tokens):
     """The common part of the models' `sample`: labels (long [B] or a list of ints) checked and moved
     to the model's device, a generator from `seed` (or the given one; not both), and
@@ -635,8 +642,16 @@ def sample_labels_in_eval_mode(model, labels, seed, generator, sample_tokens):
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both")
     if not isinstance(labels, torch.Tensor):
-        labels = torch.as_tensor(list(labels), dtype=torch.long)
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__iter__"):
+            raise TypeError(f"labels must be a 1-D integer tensor or a list of ints, got {type(labels).__name__}")
+        labels = list(labels)
+        for label in labels:
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+                raise TypeError(f"labels must be integers, got {label!r}")
+        labels = torch.tensor(labels, dtype=torch.long)
     model.check_labels(labels)
+    if labels.numel() == 0:
+        raise ValueError("labels must hold at least one class label")
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
     was_training = model.training

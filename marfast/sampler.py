@@ -24,7 +24,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from .attention import requested_backend as requested_attention_backend
-from .mar import next_mask_len, sampling_class_embeddings
+from .mar import check_batch_size, next_mask_len, sampling_class_embeddings
 
 CUDA_GRAPHS_ENV_VAR = "MARFAST_CUDA_GRAPHS"
 
@@ -347,6 +347,7 @@ def sample_tokens_fast(model, bsz, num_iter=64, cfg=1.0, cfg_schedule="linear", 
     replay the transformer steps as CUDA graphs (cached per model and configuration; needs CUDA
     and eval mode); None reads MARFAST_CUDA_GRAPHS (default off).
     """
+    check_batch_size(bsz)
     cfg, temperature = model.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
     if labels is not None:
         model.check_labels(labels, bsz)

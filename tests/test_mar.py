@@ -170,6 +170,18 @@ def test_bad_inputs_raise_clear_errors():
     for bad in (0, 17, 2.5):
         with pytest.raises(ValueError, match="num_iter must be an integer in 1..16"):
             model.sample([1], num_iter=bad, progress=False)
+    assert model.sample([1], num_iter=np.int64(2), seed=0, progress=False).shape == (1, 3, 4, 4)
+    for bad in ([1.7, 2.9], [True, False], [None]):
+        with pytest.raises(TypeError, match="labels must be integers"):
+            model.sample(bad, progress=False)
+    with pytest.raises(TypeError, match="labels must be a 1-D integer tensor or a list of ints"):
+        model.sample(3, progress=False)
+    with pytest.raises(ValueError, match="at least one class label"):
+        model.sample([], progress=False)
+    for sample_tokens in (model.sample_tokens, model.sample_tokens_fast):
+        for bad in (0, 2.0, True):
+            with pytest.raises(ValueError, match="bsz must be a positive integer"):
+                sample_tokens(bad, num_iter=2)
     with pytest.raises(ValueError, match="temperature"):
         model.sample([1], num_iter=2, temperature=-1.0, progress=False)
     with pytest.raises(ValueError, match="cfg_schedule"):
