@@ -287,6 +287,11 @@ class MAR(nn.Module):
         super().__init__()
         if not 0.0 < mask_ratio_min <= 1.0:
             raise ValueError(f"mask_ratio_min must lie in (0, 1], got {mask_ratio_min}")
+        if not 0.0 <= label_drop_prob <= 1.0:
+            raise ValueError(f"label_drop_prob must lie in [0, 1], got {label_drop_prob}")
+        for name, value in (("class_num", class_num), ("diffusion_batch_mul", diffusion_batch_mul)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if head == "mlp" and (head_num_heads is not None or head_mlp_ratio != 4.0):
@@ -323,6 +328,8 @@ class MAR(nn.Module):
             self.config.update(head=head, head_num_heads=head_num_heads, head_mlp_ratio=head_mlp_ratio,
                                denoising_head=denoising_head, denoising_width=denoising_width,
                                input_noise_max_t=input_noise_max_t)
+        if getattr(tokenizer, "config", None) is not None:
+            self.config["tokenizer"] = tokenizer.config
 
         self.class_emb = nn.Embedding(class_num, encoder_embed_dim)
         self.fake_latent = nn.Parameter(torch.zeros(1, encoder_embed_dim))
@@ -338,6 +345,9 @@ class MAR(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len + buffer_size, decoder_embed_dim))
         self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
+        # None: not an affine nn.LayerNorm, which config.json cannot describe (save_pretrained refuses it)
+        self.config["norm_eps"] = (self.decoder_norm.eps if type(self.decoder_norm) is nn.LayerNorm
+                                   and affine_layer_norm(self.decoder_norm) else None)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, self.seq_len, decoder_embed_dim))
         self.initialize_weights()
         if head == "mlp":

@@ -11,6 +11,12 @@ import torch.nn.functional as F
 PIXEL_MAX = 255
 
 
+def check_finite_latents(latents):
+    """Decoders clamp to the pixel range, which would turn NaN into black pixels: refuse them."""
+    if not torch.isfinite(latents).all():
+        raise ValueError("latents hold NaN or infinite values (a diverged model?); they decode to no image")
+
+
 class PixelPatchTokenizer:
     """uint8 images <-> latents in [-1, 1]; `decode(encode(x)) == x` exactly.
 
@@ -65,6 +71,7 @@ class PixelPatchTokenizer:
         expected = (self.embed_dim, self.grid_size, self.grid_size)
         if latents.dim() != 4 or tuple(latents.shape[1:]) != expected:
             raise ValueError(f"latents must have shape [B, {', '.join(map(str, expected))}], got {tuple(latents.shape)}")
+        check_finite_latents(latents)
         pixels = F.pixel_shuffle(latents.float(), self.patch_size)
         images = ((pixels.clamp(-1.0, 1.0) + 1.0) * (PIXEL_MAX / 2.0)).round().to(torch.uint8)
         return images[:, 0] if self.channels == 1 else images

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .tokenizer import check_finite_latents
+
 LATENT_SCALE = 0.2325
 
 
@@ -204,6 +206,7 @@ class KLAutoencoder(nn.Module):
 
     def decode_to_uint8(self, latents):
         """Scaled latents -> uint8 images [B, 3, H, W]."""
+        check_finite_latents(latents)
         images = self.decode(latents.to(self.post_quant_conv.weight.dtype)).float()
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 

@@ -38,6 +38,7 @@ def kmeans(points, num_codes, iters=50, seed=0):
     """
     if not isinstance(points, torch.Tensor) or points.dim() != 2:
         raise ValueError(f"points must be a 2-D tensor [N, D], got {getattr(points, 'shape', type(points))}")
+    _check_positive_int("num_codes", num_codes)
     points, counts = torch.unique(points.to(torch.float64), dim=0, return_counts=True)
     weights = counts.to(torch.float64)
     if points.shape[0] < num_codes:

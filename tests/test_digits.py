@@ -79,6 +79,8 @@ def test_tokenizer_config_and_bad_inputs():
         tok.encode(torch.zeros(2, 6, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="shape"):
         tok.decode(torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        tok.decode(torch.full((1, 4, 4, 4), float("nan")))
     with pytest.raises(ValueError, match="unknown tokenizer type"):
         build_tokenizer({"type": "vae"})
     with pytest.raises(ValueError, match="bad 'pixel_patch' tokenizer config"):

@@ -192,3 +192,8 @@ def test_bad_inputs_raise_clear_errors():
         model.sample([1], num_iter=2, seed=1, generator=torch.Generator(), progress=False)
     with pytest.raises(ValueError, match="divisible"):
         MAR(img_size=10, vae_stride=4)
+    for option, message in ((dict(diffusion_batch_mul=0), "diffusion_batch_mul must be a positive integer"),
+                            (dict(class_num=0), "class_num must be a positive integer"),
+                            (dict(label_drop_prob=1.5), "label_drop_prob must lie in")):
+        with pytest.raises(ValueError, match=message):
+            tiny_mar(**option)

@@ -47,6 +47,8 @@ def test_encode_decode_shapes_and_scale():
     assert vae.decode(mean).shape == (2, 3, 32, 32)
     out = vae.decode_to_uint8(mean)
     assert out.dtype == torch.uint8 and out.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        vae.decode_to_uint8(mean.clone().index_fill_(0, torch.tensor([1]), float("inf")))
     with pytest.raises(ValueError, match="images must be"):
         vae.encode(torch.rand(2, 3, 31, 32))
     with pytest.raises(ValueError, match="latents must be"):

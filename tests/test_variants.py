@@ -141,6 +141,9 @@ def test_vq_tokenizer_bad_inputs(vq):
         vq.decode(torch.zeros(1, 15, dtype=torch.long))
     with pytest.raises(ValueError, match="distinct points"):
         PatchKMeansTokenizer.fit(torch.zeros(4, 8, 8, dtype=torch.uint8), 8, patch_size=2)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_codes"):
+            kmeans(torch.randn(10, 2), bad)
     with pytest.raises(ValueError, match="codebook must have shape"):
         PatchKMeansTokenizer(torch.zeros(4, 3), img_size=8, patch_size=2)
 
