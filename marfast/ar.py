@@ -272,7 +272,8 @@ class CausalAR(nn.Module):
         (conditional rows first, then the unconditional ones with the fake latent).
 
         use_cache=False recomputes every step from the start (no KV cache): the same function and,
-        for the same generator, the same draws.
+        for the same generator, the same draws (in eval mode: in training mode dropout draws from
+        the global RNG, as in `MAR.sample_tokens`; `sample` switches to eval mode).
         """
         cfg, temperature = as_cfg_scale(cfg), check_temperature(temperature)
         if cfg_schedule not in CFG_SCHEDULES:
