@@ -7,9 +7,14 @@ clipping at 3.0. Mixed precision is bf16 autocast (fp16, the official choice, gi
 
 Exact resumption: the data order is a function of (seed, epoch), every random draw comes from
 generators whose states are saved, and a checkpoint holds model, EMA, optimizer, epoch, step and
-RNG states. `checkpoint-last.pth` keeps the official layout (`model`, `model_ema`, `optimizer`,
-`epoch`) so official tools read it; `ema/` holds the EMA weights as a `save_pretrained` directory.
+RNG states; a resumed run refuses a configuration that would change the trajectory (TrainConfig).
+`checkpoint-last.pth` keeps the official layout (`model`, `model_ema`, `optimizer`, `epoch`) so
+official tools read it; `ema/` holds the EMA weights as a `save_pretrained` directory. `epoch` has
+the official meaning, the index of the last completed epoch (official main_mar.py resumes at
+`epoch + 1`): -1 before the first epoch ends, and a mid-epoch checkpoint names the epoch before the
+current one, so an official resume redoes the partial epoch. marfast resumes from the exact `step`.
 """
+import inspect
 import math
 import os
 import time
@@ -67,14 +72,25 @@ def class_folder_files(root, keep):
     return classes, files
 
 
+def is_cache_file(path):
+    """A cached latent: a .npz file, not a hidden leftover of an interrupted atomic write."""
+    return path.suffix == ".npz" and not path.name.startswith(".")
+
+
+def cache_file(out_root, class_name, image):
+    """Where `cache_latents` stores an image: <class>/<full file name>.npz, as the official cache
+    names it (`x.JPEG.npz`), so images that differ only in their extension keep separate files."""
+    return Path(out_root) / class_name / (image.name + ".npz")
+
+
 class CachedLatents(torch.utils.data.Dataset):
-    """Latent cache written by `cache_latents`: root/<class>/<name>.npz with `moments` and
+    """Latent cache written by `cache_latents`: root/<class>/<image name>.npz with `moments` and
     `moments_flip` (VAE posterior mean and log-variance, [2C, h, w] float32). Items are
     (moments [2, 2C, h, w] (plain, flipped), label)."""
 
     def __init__(self, root):
         self.root = Path(root)
-        self.classes, self.files = class_folder_files(self.root, lambda f: f.suffix == ".npz")
+        self.classes, self.files = class_folder_files(self.root, is_cache_file)
         if not self.files:
             raise FileNotFoundError(f"no cached latents (<class>/<name>.npz) under {root}")
 
@@ -101,13 +117,15 @@ def center_crop_image(image, size):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """root/<class>/<image> -> (float image [3, size, size] in [-1, 1], label); flips are drawn by the trainer."""
+    """root/<class>/<image> -> (float image [3, size, size] in [-1, 1], label); flips are drawn by the
+    trainer. Images are the files with an extension of EXTENSIONS in any case (torchvision's set,
+    which the official code uses)."""
 
-    EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".JPEG")
+    EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
     def __init__(self, root, size):
         self.root, self.size = Path(root), size
-        self.classes, self.files = class_folder_files(self.root, lambda f: f.suffix in self.EXTENSIONS)
+        self.classes, self.files = class_folder_files(self.root, lambda f: f.suffix.lower() in self.EXTENSIONS)
         if not self.files:
             raise FileNotFoundError(f"no images (<class>/<image>) under {root}")
 
@@ -133,11 +151,18 @@ def sample_posterior(moments, generator):
 
 @torch.no_grad()
 def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device=None, progress=True):
-    """Encode every image (and its mirror) once; resumable: images already cached are skipped."""
+    """Encode every image (and its mirror) once; resumable: images already cached are skipped. Refuses
+    a cache holding files that match no image, such as one written before cache files were named
+    by the full image name (`<stem>.npz`, which lost images differing only in their extension)."""
     dataset = ImageFolder(image_root, img_size)
     out_root = Path(out_root)
-    todo = [i for i, (f, label) in enumerate(dataset.files)
-            if not (out_root / dataset.classes[label] / (f.stem + ".npz")).exists()]
+    targets = [cache_file(out_root, dataset.classes[label], f) for f, label in dataset.files]
+    stray = sorted({f for f, _ in class_folder_files(out_root, is_cache_file)[1]} - set(targets))
+    if stray:
+        raise ValueError(f"{out_root} holds {len(stray)} cached latents that match no image under {image_root} "
+                         f"(e.g. {stray[0]}); a cache must mirror its image folder (cache files are named "
+                         f"<image file name>.npz since older caches' <stem>.npz lost images): use a fresh directory")
+    todo = [i for i, target in enumerate(targets) if not target.exists()]
     device = device or next(vae.parameters()).device
     for start in tqdm(range(0, len(todo), batch_size), desc="cache latents", disable=not progress):
         items = [dataset[i] for i in todo[start:start + batch_size]]
@@ -145,18 +170,36 @@ def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device
         moments = vae.quant_conv(vae.encoder(torch.cat([images, images.flip(-1)]))).float().cpu().numpy()
         n = len(items)
         for j, i in enumerate(todo[start:start + batch_size]):
-            path, label = dataset.files[i]
-            target = out_root / dataset.classes[label] / (path.stem + ".npz")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(target, lambda tmp: np.savez(tmp, moments=moments[j], moments_flip=moments[n + j]))
+            targets[i].parent.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(targets[i], lambda tmp: np.savez(tmp, moments=moments[j], moments_flip=moments[n + j]))
     return out_root
 
 
 # ------------------------------------------------------------------------------------------------
 # configuration
+def world_size():
+    """Processes in this run: torchrun's WORLD_SIZE, 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# Fields a resumed run may change: where it stops and how it reports. epochs and max_steps only
+# move the end of a constant schedule; with the cosine schedule they set its length, so the total
+# step count they give must stay the same.
+RESUME_MAY_CHANGE = ("output_dir", "epochs", "max_steps", "save_every_steps", "log_every_steps", "tensorboard",
+                     "resume", "progress")
+# MAR arguments that model_kwargs must not give: TrainConfig fields, fixed by the presets, or not data.
+MODEL_KWARGS_NOT_ALLOWED = ("img_size", "grad_checkpointing", "mlp_ratio", "norm_layer", "tokenizer")
+
+
 @dataclass
 class TrainConfig:
-    """Everything a run needs; validated by `check()` before any work starts."""
+    """Everything a run needs; validated by `check()` before any work starts.
+
+    Resuming (`resume`, an existing output_dir/checkpoint-last.pth) needs the checkpoint's values of
+    every field except RESUME_MAY_CHANGE (output and logging options, and epochs / max_steps to
+    train longer with the constant schedule), the same number of processes and the same data set
+    size; anything else is refused with the differing fields listed.
+    """
 
     output_dir: str
     model: str = "mar_large"
@@ -180,7 +223,6 @@ class TrainConfig:
     grad_checkpointing: bool = False
     fsdp: bool = False
     seed: int = 1
-    num_workers: int = 4
     save_every_steps: int = 1000
     log_every_steps: int = 20
     tensorboard: bool = False
@@ -210,16 +252,43 @@ class TrainConfig:
             problems.append(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_rate < 1.0:
             problems.append(f"ema_rate must lie in [0, 1), got {self.ema_rate}")
-        if self.blr <= 0 and self.lr <= 0:
+        negative = [f"{name}={getattr(self, name)}" for name in ("lr", "blr", "min_lr") if not getattr(self, name) >= 0]
+        if negative:
+            problems.append(f"learning rates must not be negative: {', '.join(negative)}")
+        elif self.lr == 0 and self.blr == 0:
             problems.append("give a positive lr or blr")
+        elif self.lr_schedule == "constant" and self.min_lr:
+            problems.append("min_lr only applies to lr_schedule='cosine'")
+        elif self.lr_schedule == "cosine" and self.batch_size >= 1 \
+                and self.min_lr > (peak := self.peak_lr(self.batch_size * world_size())):
+            problems.append(f"min_lr {self.min_lr} exceeds the peak learning rate {peak:.3g} (lr, or blr x global batch / 256)")
+        problems += model_kwargs_problems(self.model, self.model_kwargs)
         if self.max_steps < 0 or self.warmup_epochs < 0 or self.grad_clip < 0 or self.weight_decay < 0:
             problems.append("max_steps, warmup_epochs, grad_clip and weight_decay must not be negative")
         if problems:
             raise ValueError("bad training configuration:\n  " + "\n  ".join(problems))
         return self
 
+    def peak_lr(self, global_batch):
+        """lr, or blr x global batch / 256 (the official scaling)."""
+        return self.lr or self.blr * global_batch / 256
+
 
 RUNTIME_MODEL_KWARGS = ("diffusion_batch_mul", "label_drop_prob", "mask_ratio_min")
+
+
+def model_kwargs_problems(model, model_kwargs):
+    """Names in model_kwargs that `build_model` cannot pass on (checked before any work)."""
+    if model in PRESETS:
+        allowed = sorted(set(inspect.signature(MAR.__init__).parameters) - {"self", *MODEL_KWARGS_NOT_ALLOWED})
+    else:
+        allowed = RUNTIME_MODEL_KWARGS  # a saved model: only training-time settings
+    unknown = sorted(set(model_kwargs) - set(allowed))
+    if not unknown:
+        return []
+    where = "a preset" if model in PRESETS else "a saved model"
+    return [f"model_kwargs {unknown} cannot be given for {where} (img_size and grad_checkpointing are TrainConfig "
+            f"fields; allowed: {', '.join(allowed)})"]
 
 
 def build_model(config):
@@ -247,7 +316,7 @@ class Trainer:
     def __init__(self, config, dataset=None, log=print):
         self.config = config.check(require_data=dataset is None)
         self.log = log
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -275,16 +344,15 @@ class Trainer:
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch < 1:
             raise ValueError(f"the data set has {len(self.dataset)} items, fewer than one global batch ({self.global_batch})")
-        self.total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps:
-            self.total_steps = min(self.total_steps, config.max_steps)
-        self.lr = config.lr or config.blr * self.global_batch / 256
+        self.total_steps = min(config.epochs * self.steps_per_epoch, config.max_steps or math.inf)
+        self.lr = config.peak_lr(self.global_batch)
         self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out / "checkpoint-last.pth"
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if config.resume and ckpt_path.is_file() else None
         if ckpt is not None:
+            self.check_resumable(ckpt)
             load_state_dict_checked(self.model, ckpt["model"])
         self.wrapped = self._wrap(self.model)  # FSDP turns parameters into shards: optimizer and EMA come after
         self.optimizer = torch.optim.AdamW(weight_decay_groups(self.model, config.weight_decay), lr=self.lr, betas=(0.9, 0.95))
@@ -374,16 +442,39 @@ class Trainer:
         if self.rank != 0:
             return
         ckpt = {"model": model_state, "model_ema": ema_state, "optimizer": optimizer_state,
-                "epoch": self.step // self.steps_per_epoch, "step": self.step, "world_size": self.world,
-                "config": asdict(self.config), "rng": rng, "model_config": self.model.config}
+                "epoch": self.step // self.steps_per_epoch - 1, "step": self.step, "world_size": self.world,
+                "dataset_size": len(self.dataset), "config": asdict(self.config), "rng": rng,
+                "model_config": self.model.config}
         write_file_atomically(self.out / "checkpoint-last.pth", lambda tmp: torch.save(ckpt, tmp))
         write_pretrained(ema_state, self.model.config, self.out / "ema")
 
+    def check_resumable(self, ckpt):
+        """Raise ValueError listing what differs from the checkpoint's run, unless only the fields of
+        RESUME_MAY_CHANGE do (with the cosine schedule, the total step count must also match)."""
+        saved, current = ckpt["config"], asdict(self.config)
+        missing = "(not in the checkpoint)"
+        diffs = [f"{name}: {saved.get(name, missing)!r} in the checkpoint, {value!r} now"
+                 for name, value in current.items() if name not in RESUME_MAY_CHANGE and saved.get(name, missing) != value]
+        if ckpt.get("world_size", 1) != self.world:
+            diffs.append(f"processes: {ckpt.get('world_size', 1)} in the checkpoint, {self.world} now")
+        if "dataset_size" in ckpt and ckpt["dataset_size"] != len(self.dataset):  # absent in older checkpoints
+            diffs.append(f"data set size: {ckpt['dataset_size']} in the checkpoint, {len(self.dataset)} now")
+        model_config = ckpt.get("model_config", {})
+        changed = sorted(k for k in {*model_config, *self.model.config} if model_config.get(k) != self.model.config.get(k))
+        if changed:
+            diffs.append(f"model configuration entries {changed}")
+        if not diffs and self.config.lr_schedule == "cosine":
+            saved_total = min(saved["epochs"] * self.steps_per_epoch, saved["max_steps"] or math.inf)
+            if saved_total != self.total_steps:
+                diffs.append(f"total steps (epochs, max_steps; the cosine schedule's length): {saved_total} in the "
+                             f"checkpoint, {self.total_steps} now")
+        if diffs:
+            raise ValueError(f"cannot resume {self.out / 'checkpoint-last.pth'}: exact resumption needs the same "
+                             "run, but\n  " + "\n  ".join(diffs) + "\n(use another output_dir, or resume=False to "
+                             "start over)")
+
     def restore(self, ckpt):
         """Optimizer, EMA, step and RNG states from a checkpoint (model weights are loaded before wrapping)."""
-        if ckpt.get("world_size", 1) != self.world:
-            raise ValueError(f"the checkpoint was written by {ckpt.get('world_size', 1)} processes, this run has "
-                             f"{self.world}: exact resumption needs the same number")
         ema_state = ckpt["model_ema"]
         for (name, p), ema in zip(self.model.named_parameters(), self.ema):
             full = ema_state[name].to(self.device).float()

@@ -11,8 +11,8 @@ import torch.multiprocessing as mp
 from marfast import MAR
 from marfast.recipes.digits import digits_split
 from marfast.tokenizer import PixelPatchTokenizer
-from marfast.train import (CachedLatents, center_crop_image, TrainConfig, Trainer, cache_latents, learning_rate, update_ema,
-                           weight_decay_groups)
+from marfast.train import (CachedLatents, ImageFolder, center_crop_image, TrainConfig, Trainer, cache_latents, learning_rate,
+                           update_ema, weight_decay_groups)
 
 from helpers import tiny_mar
 
@@ -164,3 +164,94 @@ def test_cache_latents_is_resumable_and_feeds_training(tmp_path, monkeypatch):
     assert moments.shape == (2, 8, 8, 8) and label == 1 and data.classes == ["cat", "dog"]
     cropped = center_crop_image(Image.new("RGB", (100, 40)), 16)
     assert cropped.size == (16, 16)
+
+
+def test_bad_rates_model_kwargs_and_removed_options_fail_in_check(tmp_path, digits_init):
+    def problems(**kw):
+        with pytest.raises(ValueError) as err:
+            TrainConfig(output_dir=str(tmp_path), cached_path=str(tmp_path), **kw).check()
+        return str(err.value)
+
+    assert "lr=-1.0" in problems(lr=-1.0)
+    assert "exceeds the peak learning rate" in problems(lr=1e-3, min_lr=2e-3, lr_schedule="cosine")
+    assert "exceeds the peak learning rate" in problems(blr=1e-4, batch_size=16, min_lr=1e-5, lr_schedule="cosine")
+    assert "only applies to lr_schedule='cosine'" in problems(min_lr=1e-6)
+    assert "['diffloss_depth']" in problems(model="mar_base", model_kwargs=dict(diffloss_depth=3))
+    assert "['img_size', 'mlp_ratio']" in problems(model="mar_base", model_kwargs=dict(img_size=64, mlp_ratio=2.0))
+    assert "['encoder_depth']" in problems(model=digits_init, model_kwargs=dict(encoder_depth=2))
+    TrainConfig(output_dir=str(tmp_path), cached_path=str(tmp_path), lr=1e-3, min_lr=1e-3, lr_schedule="cosine",
+                model_kwargs=dict(diffloss_d=2, head="transformer", class_num=10)).check()
+    with pytest.raises(TypeError):  # it was never read: there is no data loader
+        TrainConfig(output_dir=str(tmp_path), num_workers=2)
+
+
+def test_resume_refuses_a_different_run(tmp_path, digits_init):
+    data = DigitsLatents(64)  # 2 steps per epoch
+    Trainer(config(tmp_path, digits_init, max_steps=3, save_every_steps=3), dataset=data).train()
+
+    def refusal(dataset=data, **kw):
+        with pytest.raises(ValueError, match="cannot resume") as err:
+            Trainer(config(tmp_path, digits_init, max_steps=6, **kw), dataset=dataset)
+        return str(err.value)
+
+    text = refusal(batch_size=16, seed=7, lr=1e-3, warmup_epochs=1.0, model_kwargs=dict(diffusion_batch_mul=4))
+    for name in ("batch_size", "seed", "lr:", "warmup_epochs", "model_kwargs", "diffusion_batch_mul"):
+        assert name in text
+    assert "data set size: 64 in the checkpoint, 96 now" in refusal(dataset=DigitsLatents(96))
+    assert "lr_schedule" in refusal(lr_schedule="cosine")
+    # training longer with the constant schedule and other output options are fine
+    resumed = Trainer(config(tmp_path, digits_init, max_steps=6, epochs=200, log_every_steps=1, tensorboard=False), dataset=data)
+    assert resumed.step == 3
+
+
+def test_cosine_resume_needs_the_same_schedule_length(tmp_path, digits_init):
+    data = DigitsLatents(64)
+    Trainer(config(tmp_path, digits_init, max_steps=3, lr_schedule="cosine"), dataset=data).train()
+    with pytest.raises(ValueError, match="cosine schedule's length"):
+        Trainer(config(tmp_path, digits_init, max_steps=6, lr_schedule="cosine"), dataset=data)
+    assert Trainer(config(tmp_path, digits_init, max_steps=3, lr_schedule="cosine"), dataset=data).step == 3
+
+
+def test_checkpoint_epoch_is_the_last_completed_epoch(tmp_path, digits_init):
+    data = DigitsLatents(64)  # 2 steps per epoch
+    Trainer(config(tmp_path, digits_init, max_steps=1), dataset=data).train()
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (1, -1)  # an official resume starts at epoch 0
+    Trainer(config(tmp_path, digits_init, max_steps=4), dataset=data).train()
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"]) == (4, 1)  # epochs 0 and 1 done: an official resume starts at 2
+
+
+def test_cache_keeps_images_that_differ_in_extension_or_case(tmp_path):
+    from PIL import Image
+
+    import marfast.vae as vae_module
+
+    names = ("0.png", "0.jpg", "a.JPG", "b.PNG", "c.Jpeg")
+    (tmp_path / "img" / "cat").mkdir(parents=True)
+    for i, name in enumerate(names):
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / "cat" / name)
+    assert len(ImageFolder(tmp_path / "img", 16)) == 5
+    torch.manual_seed(0)
+    vae = vae_module.KLAutoencoder(embed_dim=4, ch_mult=(1, 2), ch=32, resolution=16).eval()
+    cache_latents(vae, tmp_path / "img", tmp_path / "cache", img_size=16, batch_size=2, progress=False)
+    assert sorted(p.name for p in (tmp_path / "cache" / "cat").iterdir()) == sorted(n + ".npz" for n in names)
+    (tmp_path / "cache" / "cat" / ".0.png.npz.tmp.npz").write_bytes(b"")  # an interrupted write's leftover
+    data = CachedLatents(tmp_path / "cache")
+    assert len(data) == 5 and not torch.equal(data[0][0], data[1][0])
+    np.savez(tmp_path / "cache" / "cat" / "0.npz", moments=np.zeros(1), moments_flip=np.zeros(1))  # an old-style name
+    with pytest.raises(ValueError, match="match no image"):
+        cache_latents(vae, tmp_path / "img", tmp_path / "cache", img_size=16, batch_size=2, progress=False)
+
+
+def test_digits_recipe_refuses_a_batch_larger_than_the_training_split(tmp_path):
+    import argparse
+
+    from marfast.recipes import digits
+
+    parser = digits.add_train_arguments(argparse.ArgumentParser())
+    digits.check_train_args(parser, parser.parse_args(["--out", str(tmp_path / "o"), "--batch-size", "1438"]))
+    with pytest.raises(SystemExit):
+        digits.check_train_args(parser, parser.parse_args(["--out", str(tmp_path / "o"), "--batch-size", "1439"]))
+    with pytest.raises(ValueError, match="exceeds the 1438 training images"):
+        digits.train(steps=1, batch_size=1439, progress=False, log=lambda *a: None)

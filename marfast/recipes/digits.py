@@ -5,8 +5,11 @@
 The model is the ordinary `MAR` class with a small config on pixel-patch tokens (16 tokens of
 2 x 2 pixels, values in [-1, 1]) and x0 clipping in the sampler. Training: AdamW, linear warmup
 then cosine decay, an EMA of the weights (the saved weights are the EMA), on a fixed stratified
-split of the 1,797 digits whose held-out part is never trained on. Everything is drawn from
-`--seed`, so a run on the same machine and thread count reproduces the shipped weights.
+split of the 1,797 digits (1,438 training images) whose held-out part is never trained on.
+Everything is drawn from `--seed`, so a run on the same machine and thread count reproduces the
+shipped weights. A deliberate difference from the official recipe, kept because the shipped
+weights were trained so: AdamW here decays every parameter, biases, norms and the head included
+(the official grouping, marfast.train.weight_decay_groups, exempts them).
 Needs scikit-learn (for the data set); sampling from the saved weights does not.
 """
 import argparse
@@ -139,6 +142,8 @@ def train(steps=1500, batch_size=128, lr=1e-3, weight_decay=0.02, ema_decay=0.99
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     split = digits_split()
+    if batch_size > split.train_labels.numel():
+        raise ValueError(f"batch_size {batch_size} exceeds the {split.train_labels.numel()} training images")
     torch.manual_seed(seed)
     model = build_digits_model(variant, input_noise_max_t)
     tokenizer = model.tokenizer
@@ -226,6 +231,10 @@ def check_train_args(parser, args):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    n_train = digits_split().train_labels.numel()
+    if args.batch_size > n_train:
+        parser.error(f"--batch-size {args.batch_size} exceeds the {n_train} training images (a step never "
+                     "repeats an image)")
     if args.input_noise_max_t is not None:
         if not VARIANTS[args.variant]["denoising_head"]:
             parser.error(f"--input-noise-max-t needs a variant with the denoising head, not {args.variant!r}")
