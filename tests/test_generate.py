@@ -1,4 +1,5 @@
 """Sharded, resumable, class-balanced generation; two gloo processes give the single-process result."""
+import copy
 import os
 import socket
 
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 
 from marfast import MAR
 from marfast.diffusion import GaussianDiffusion
-from marfast.generate import balanced_labels, generate_npz, to_nhwc_rgb
+from marfast.generate import ShardMismatchError, balanced_labels, generate_npz, to_nhwc_rgb
 
 from helpers import tiny_mar
 
@@ -60,6 +61,62 @@ def test_generation_is_resumable_and_deterministic(tmp_path):
     assert not [p for p in (tmp_path / "a").rglob(".*")]  # no temporary files left
 
 
+def test_a_rerun_of_another_run_is_refused(tmp_path):
+    model = small_model()
+    kwargs = dict(num_images=4, classes=[1, 2], batch_size=2, shard_size=2, num_iter=2, seed=0, progress=False)
+    generate_npz(model, tmp_path, **kwargs)
+    other_weights = copy.deepcopy(model)
+    with torch.no_grad():
+        other_weights.class_emb.weight[0] += 1
+    for other_model, changes, differs in [(model, dict(classes=[5, 6]), "classes"),
+                                          (model, dict(seed=9), "seed"),
+                                          (model, dict(num_images=5), "num_images"),
+                                          (model, dict(cfg=3.0, temperature=0.5), "cfg, temperature"),
+                                          (other_weights, {}, "weights_sha256")]:
+        with pytest.raises(ShardMismatchError, match=f"differs in {differs}\\b.*delete"):
+            generate_npz(other_model, tmp_path, **{**kwargs, **changes})
+    assert not (tmp_path / "samples_5.npz").exists()
+    assert np.load(generate_npz(model, tmp_path, **kwargs))["labels"].tolist() == [1, 2, 1, 2]
+
+
+def test_merge_checks_every_shard(tmp_path):
+    model = small_model()
+    kwargs = dict(num_images=4, classes=[1, 2], batch_size=2, shard_size=2, num_iter=2, seed=0, progress=False)
+    generate_npz(model, tmp_path, **kwargs)
+    shard = tmp_path / "shards" / "shard_00001.npz"
+    np.savez(shard, arr_0=np.zeros((1, 4, 4, 3), np.uint8), labels=np.array([7]))
+    with pytest.raises(ShardMismatchError, match="shard_00001.npz does not hold this run's shard"):
+        generate_npz(model, tmp_path, **kwargs)
+    (tmp_path / "shards" / "manifest.json").unlink()
+    with pytest.raises(ShardMismatchError, match="holds shards without a manifest.json"):
+        generate_npz(model, tmp_path, **kwargs)
+
+
+def test_runs_with_neighbouring_seeds_share_no_shard(tmp_path):
+    model = small_model()
+    kwargs = dict(num_images=4, classes=[1], batch_size=2, shard_size=2, num_iter=2, progress=False)
+    first = np.load(generate_npz(model, tmp_path / "seed0", seed=0, **kwargs))["arr_0"]
+    second = np.load(generate_npz(model, tmp_path / "seed1", seed=1, **kwargs))["arr_0"]
+    assert not np.array_equal(second[:2], first[2:])
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(classes=[]), ValueError, "at least one class"),
+    (dict(classes=[1, 10]), ValueError, "labels must lie in 0..9"),
+    (dict(seed=-1), ValueError, "seed must be an integer"),
+    (dict(cfg=float("nan")), ValueError, "cfg must be finite"),
+    (dict(tokenizer=None), ValueError, "needs a tokenizer"),
+])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, change, error, message):
+    model = small_model()
+    if "tokenizer" in change:
+        model.tokenizer = change.pop("tokenizer")
+    kwargs = dict(num_images=3, classes=[1, 2], batch_size=2, shard_size=2, num_iter=2, progress=False)
+    with pytest.raises(error, match=message):
+        generate_npz(model, tmp_path / "out", **{**kwargs, **change})
+    assert not (tmp_path / "out").exists()
+
+
 def _worker(rank, world, port, out_dir, kwargs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -79,3 +136,5 @@ def test_two_gloo_processes_match_one_on_the_digits_model(tmp_path):
     mp.spawn(_worker, args=(2, port, str(tmp_path / "multi"), kwargs), nprocs=2, join=True)
     multi = np.load(tmp_path / "multi" / "samples_6.npz")
     assert np.array_equal(multi["arr_0"], single["arr_0"]) and np.array_equal(multi["labels"], single["labels"])
+    again = np.load(generate_npz(digits_model(), tmp_path / "multi", **kwargs))  # the ranks' manifest fits
+    assert np.array_equal(again["arr_0"], single["arr_0"])
