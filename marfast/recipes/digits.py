@@ -95,9 +95,7 @@ def build_digits_model(variant="mar", input_noise_max_t=None):
         raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
     extra = {} if input_noise_max_t is None else dict(input_noise_max_t=input_noise_max_t)
     tokenizer = PixelPatchTokenizer(**TOKENIZER_CONFIG)
-    model = MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **{**MODEL_CONFIG, **VARIANTS[variant], **extra})
-    model.config["tokenizer"] = tokenizer.config
-    return model
+    return MAR(norm_layer=norm_layer_eps6, tokenizer=tokenizer, **{**MODEL_CONFIG, **VARIANTS[variant], **extra})
 
 
 def lr_at(step, steps, lr, warmup_steps):
