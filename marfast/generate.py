@@ -105,15 +105,16 @@ def run_manifest(model, **settings):
 
 
 def check_manifest(shard_dir, manifest, rank, world):
-    """Rank 0 writes the run's manifest into a fresh shard_dir; then every rank checks the one there."""
+    """Rank 0 writes the run's manifest into a shard_dir without shards; then every rank checks the
+    one there (every rank raises alike, so none is left waiting at a barrier)."""
     path = shard_dir / MANIFEST_NAME
-    if rank == 0 and not path.exists():
-        if any(shard_dir.glob("shard_*.npz")):
-            raise ShardMismatchError(f"{shard_dir} holds shards without a {MANIFEST_NAME}, so they cannot be "
-                                     "matched to this run: choose another out_dir or delete those shards")
+    if rank == 0 and not path.exists() and not any(shard_dir.glob("shard_*.npz")):
         write_file_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
     if world > 1:
         dist.barrier()
+    if not path.exists():
+        raise ShardMismatchError(f"{shard_dir} holds shards without a {MANIFEST_NAME}, so they cannot be "
+                                 "matched to this run: choose another out_dir or delete those shards")
     try:
         found = json.loads(path.read_text())
     except json.JSONDecodeError as err:
