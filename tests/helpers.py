@@ -2,6 +2,8 @@
 import ast
 from pathlib import Path
 
+import torch
+
 from marfast import MAR
 
 # a copy of the project spec's shared/spec/official_state_dict_keys.txt, kept in the repository so
@@ -16,6 +18,18 @@ TINY_MAR = dict(img_size=16, vae_stride=4, patch_size=1, vae_embed_dim=3,
 
 def tiny_mar(**overrides):
     return MAR(**{**TINY_MAR, **overrides})
+
+
+def random_tiny_mar(seed=0, device="cpu", **overrides):
+    """A tiny MAR (16 tokens) with every weight perturbed, so every position and condition matters
+    (the official init zeroes the head's output layer, which would make z irrelevant)."""
+    torch.manual_seed(seed)
+    model = tiny_mar(**overrides).to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator, device=device))
+    return model
 
 
 def official_key_shapes():

@@ -9,7 +9,7 @@ import torch
 from marfast import MAR, mar_base, mar_huge, mar_large
 from marfast.mar import next_mask_len
 
-from helpers import official_key_shapes, tiny_mar
+from helpers import official_key_shapes, random_tiny_mar, tiny_mar
 
 PRESETS = {"mar_base": (mar_base, 6, 1024, 207924768), "mar_large": (mar_large, 8, 1280, 478326304),
            "mar_huge": (mar_huge, 12, 1536, 942403104)}
@@ -130,12 +130,8 @@ def test_every_token_is_written_by_sampling():
 def test_models_cast_to_another_dtype_sample_and_train(dtype, variant):
     """A model cast to bf16/fp16 (`MAR.load(..., dtype=)`) keeps its tokens and targets in float32,
     a float64 model in float64; both loops sample and the loss trains with latents of any float dtype."""
-    torch.manual_seed(0)
-    model = tiny_mar(sample_clip=(-3.0, 3.0), **variant)  # clipped x0: tokens of a latent's size (fp16 holds them)
-    with torch.no_grad():
-        for p in model.parameters():  # no zero-initialised layer: every weight gets a gradient
-            p.add_(0.05 * torch.randn_like(p))
-    model = model.to(dtype).eval()
+    # clipped x0: tokens of a latent's size (fp16 holds them); no zero-initialised layer: every weight gets a gradient
+    model = random_tiny_mar(sample_clip=(-3.0, 3.0), **variant).to(dtype)
     token_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     labels = torch.tensor([1, 2])
     reference = model.sample_tokens(2, 3, cfg=2.0, labels=labels, generator=torch.Generator().manual_seed(1))

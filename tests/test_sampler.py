@@ -8,21 +8,9 @@ from marfast.mar import mask_by_order, next_mask_len
 from marfast.sampler import (CUDA_GRAPHS_ENV_VAR, PhaseTimer, conditions_for_step, conditions_with_weights,
                              plan_steps, run_ar_loop, sample_tokens_fast, step_graphs_for, step_linear_weights)
 
-from helpers import tiny_mar
+from helpers import random_tiny_mar
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def random_tiny_mar(seed=0, device="cpu", **overrides):
-    """A tiny MAR (16 tokens) with every weight perturbed, so every position and condition matters
-    (the official init zeroes the head's output layer, which would make z irrelevant)."""
-    torch.manual_seed(seed)
-    model = tiny_mar(**overrides).to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=generator, device=device))
-    return model
 
 
 def both_loops(model, bsz, num_iter, cfg, cfg_schedule, labels, temperature, seed):
