@@ -18,6 +18,7 @@ import inspect
 import math
 import os
 import time
+import warnings
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,10 +47,11 @@ def weight_decay_groups(model, weight_decay):
 
 
 def learning_rate(step, base_lr, warmup_steps, total_steps, schedule="constant", min_lr=0.0):
-    """Linear warmup over `warmup_steps` (reaching base_lr at the last warmup step), then constant
-    or cosine decay to min_lr at `total_steps`."""
+    """The official schedule (util/lr_sched.py, per iteration): linear warmup from 0 at step 0 over
+    `warmup_steps` (a float: warmup epochs x steps per epoch), then constant, or cosine decay to
+    min_lr at `total_steps`."""
     if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
+        return base_lr * step / warmup_steps
     if schedule == "constant":
         return base_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -58,7 +60,8 @@ def learning_rate(step, base_lr, warmup_steps, total_steps, schedule="constant",
 
 @torch.no_grad()
 def update_ema(ema_params, params, decay):
-    """ema <- decay * ema + (1 - decay) * param, for matching parameter lists."""
+    """ema <- decay * ema + (1 - decay) * param, for matching parameter lists, as one lerp (the
+    official mul_ then add_ rounds twice in float32 and drifts: README, differences)."""
     for ema_p, p in zip(ema_params, params):
         ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
 
@@ -346,7 +349,7 @@ class Trainer:
             raise ValueError(f"the data set has {len(self.dataset)} items, fewer than one global batch ({self.global_batch})")
         self.total_steps = min(config.epochs * self.steps_per_epoch, config.max_steps or math.inf)
         self.lr = config.peak_lr(self.global_batch)
-        self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+        self.warmup_steps = config.warmup_epochs * self.steps_per_epoch
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.out / "checkpoint-last.pth"
@@ -498,6 +501,14 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
 
     # -- loop ----------------------------------------------------------------------------------
+    def gradients_finite(self, params):
+        """Clip the gradients to the total norm grad_clip (when > 0); False when that norm is not finite.
+        The norm is global: every DDP or FSDP rank reaches the same answer."""
+        norm = torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip if self.config.grad_clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            norm = norm.full_tensor()
+        return bool(torch.isfinite(norm))
+
     def train(self):
         cfg = self.config
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and self.device.type == "cuda")
@@ -522,10 +533,12 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            self.optimizer.step()
-            update_ema(self.ema, params, cfg.ema_rate)
+            if self.gradients_finite(params):
+                self.optimizer.step()
+                update_ema(self.ema, params, cfg.ema_rate)
+            else:
+                warnings.warn(f"non-finite gradient norm at step {self.step}: the update is skipped (weights, optimizer "
+                              "state and EMA unchanged), as the official fp16 loss scaler skips it", RuntimeWarning)
             self.step += 1
             loss_value = loss.detach().float()
             if self.world > 1:

@@ -1,5 +1,6 @@
 """Training: official recipe pieces, digits runs that learn, exact resume, DDP (gloo) vs one process,
 latent caching, and configurations that fail before any work starts."""
+import math
 import os
 import socket
 
@@ -56,11 +57,50 @@ def test_recipe_pieces():
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.dim() > 1 and "diffloss" not in names[id(p)] for p in decay["params"])
     assert any("diffloss" in names[id(p)] and p.dim() > 1 for p in no_decay["params"]) and decay["weight_decay"] == 0.02
-    assert learning_rate(0, 1.0, 4, 10) == 0.25 and learning_rate(3, 1.0, 4, 10) == 1.0 and learning_rate(9, 1.0, 4, 10) == 1.0
     assert learning_rate(10, 1.0, 0, 10, "cosine", 0.1) == pytest.approx(0.1)
     ema, p = [torch.zeros(2)], [torch.ones(2)]
     update_ema(ema, p, 0.75)
     assert torch.allclose(ema[0], torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_follows_the_official_schedule(schedule):
+    """util/lr_sched.py of the official code, called with the fractional epoch step / steps_per_epoch:
+    0 at the first step, base_lr first reached at the step that ends warmup (2.5 epochs here)."""
+    base_lr, min_lr, warmup_epochs, epochs, steps_per_epoch = 8e-4, 1e-5, 2.5, 10, 7
+
+    def official(epoch):
+        if epoch < warmup_epochs:
+            return base_lr * epoch / warmup_epochs
+        if schedule == "constant":
+            return base_lr
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+    for step in range(epochs * steps_per_epoch):
+        got = learning_rate(step, base_lr, warmup_epochs * steps_per_epoch, epochs * steps_per_epoch, schedule, min_lr)
+        assert got == pytest.approx(official(step / steps_per_epoch), rel=1e-12, abs=1e-20), step
+    assert learning_rate(0, base_lr, 4, 10) == 0.0 and learning_rate(4, base_lr, 4, 10) == base_lr
+
+
+def test_a_non_finite_gradient_skips_the_update(tmp_path, digits_init):
+    """A finite loss with a NaN gradient (step 1 of 3 here) leaves weights, optimizer state and EMA as
+    they were (the run equals the one that never took that step's update), with a warning."""
+    data = DigitsLatents(256)
+    clean = Trainer(config(tmp_path / "clean", digits_init, max_steps=1, save_every_steps=1), dataset=data)
+    clean.train()
+    trainer = Trainer(config(tmp_path / "nan", digits_init, max_steps=2, save_every_steps=1), dataset=data)
+    weight = trainer.model.diffloss.net.input_proj.weight
+    weight.register_hook(lambda grad: grad * float("nan") if trainer.step == 1 else grad)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient norm at step 1"):
+        history = trainer.train()
+    assert len(history) == 2 and all(math.isfinite(v) for v in history)
+    for a, b in zip(clean.model.parameters(), trainer.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(clean.ema, trainer.ema):
+        assert torch.equal(a, b)
+    assert [s["step"] for s in trainer.optimizer.state.values()] == [s["step"] for s in clean.optimizer.state.values()]
+    saved = torch.load(tmp_path / "nan" / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in saved["model_ema"].values())
 
 
 def test_bad_configs_fail_before_any_work(tmp_path):
