@@ -22,6 +22,7 @@ from pathlib import Path
 
 import warnings
 
+import numpy as np
 import torch
 
 CONFIG_NAME = "config.json"
@@ -92,10 +93,11 @@ def load_state_dict_checked(module, state_dict):
 
 
 def write_file_atomically(path, write_fn):
-    """write_fn(tmp) writes a temporary sibling of `path` (same suffix), which then replaces `path`;
-    on any failure the temporary file is removed and `path` is left as it was."""
+    """write_fn(tmp) writes a temporary sibling of `path` (a hidden `.tmp` file, which no reader that
+    lists files by suffix picks up if the process is killed), which then replaces `path`; on any
+    failure the temporary file is removed and `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
@@ -103,6 +105,16 @@ def write_file_atomically(path, write_fn):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_npz_atomically(path, **arrays):
+    """np.savez(path, **arrays) through write_file_atomically (into a file object: np.savez given a
+    name without `.npz` would append one)."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    write_file_atomically(path, write)
 
 
 def _atomic_dir_write(directory, write_fn):
@@ -375,8 +387,7 @@ def load_model(source, vae=None, ema=True, device=None, dtype=None, revision=Non
 
         if str(vae) == "kl16" and not Path(vae).exists():
             vae = resolve_hub_file("kl16", revision, hub_repo)
-        vae_dtype = torch.bfloat16 if model.device.type == "cuda" else torch.float32
-        autoencoder = load_vae(vae, device=model.device, dtype=vae_dtype)
+        autoencoder = load_vae(vae, device=model.device)
         if (autoencoder.embed_dim, autoencoder.stride) != (model.vae_embed_dim, model.vae_stride):
             raise CheckpointError(f"the VAE {vae} has {autoencoder.embed_dim} latent channels and stride "
                                   f"{autoencoder.stride}, but the model takes vae_embed_dim {model.vae_embed_dim} "

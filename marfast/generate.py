@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import write_file_atomically
+from .checkpoint import write_file_atomically, write_npz_atomically
 
 MANIFEST_NAME = "manifest.json"
 
@@ -61,10 +61,6 @@ def to_nhwc_rgb(images):
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected images [B, H, W], [B, 1, H, W] or [B, 3, H, W], got {tuple(images.shape)}")
     return images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _save_npz_atomic(path, **arrays):
-    write_file_atomically(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def weights_fingerprint(model):
@@ -187,7 +183,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
             chunks.append(to_nhwc_rgb(images))
             bar.update(len(batch))
             done += len(batch)
-        _save_npz_atomic(shard_dir / f"shard_{k:05d}.npz", arr_0=np.concatenate(chunks), labels=np.array(shard_labels))
+        write_npz_atomically(shard_dir / f"shard_{k:05d}.npz", arr_0=np.concatenate(chunks), labels=np.array(shard_labels))
     bar.close()
     elapsed = time.time() - start
     if done and progress:
@@ -200,7 +196,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
         for k in range(1, num_shards):
             parts.append(load_shard(shard_dir / f"shard_{k:05d}.npz", labels[k * shard_size:(k + 1) * shard_size],
                                     parts[0][0].shape[1:]))
-        _save_npz_atomic(merged, arr_0=np.concatenate([images for images, _ in parts]),
+        write_npz_atomically(merged, arr_0=np.concatenate([images for images, _ in parts]),
                          labels=np.concatenate([shard_labels for _, shard_labels in parts]))
     if world > 1:
         dist.barrier()

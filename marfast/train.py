@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_state_dict_checked, write_file_atomically, write_pretrained
+from .checkpoint import load_state_dict_checked, write_file_atomically, write_npz_atomically, write_pretrained
 from .mar import PRESETS, MAR, build_preset
 from .vae import LATENT_SCALE
 
@@ -69,9 +69,13 @@ def update_ema(ema_params, params, decay):
 # ------------------------------------------------------------------------------------------------
 # data
 def class_folder_files(root, keep):
-    """(class names sorted, [(file, class index)]) of root/<class>/<file> for files with keep(path)."""
+    """(class names sorted, [(file, class index)]) of the files under root/<class>/, at any depth, with
+    keep(path), in the order of torchvision's ImageFolder (which the official code reads data with)."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    files = [(f, i) for i, c in enumerate(classes) for f in sorted((root / c).iterdir()) if keep(f)]
+    files = []
+    for i, c in enumerate(classes):
+        for folder, _, names in sorted(os.walk(root / c, followlinks=True)):
+            files += [(f, i) for f in (Path(folder) / name for name in sorted(names)) if keep(f)]
     return classes, files
 
 
@@ -80,10 +84,12 @@ def is_cache_file(path):
     return path.suffix == ".npz" and not path.name.startswith(".")
 
 
-def cache_file(out_root, class_name, image):
-    """Where `cache_latents` stores an image: <class>/<full file name>.npz, as the official cache
-    names it (`x.JPEG.npz`), so images that differ only in their extension keep separate files."""
-    return Path(out_root) / class_name / (image.name + ".npz")
+def cache_file(out_root, image_root, class_name, image):
+    """Where `cache_latents` stores image_root/<class>/.../<name>: out_root/<class>/.../<name>.npz, as
+    the official cache names a file (`x.JPEG.npz`), so images that differ only in their extension keep
+    separate files (the official cache would put a nested image in a folder named after its parent)."""
+    relative = Path(image).relative_to(Path(image_root) / class_name)
+    return Path(out_root) / class_name / relative.parent / (relative.name + ".npz")
 
 
 class CachedLatents(torch.utils.data.Dataset):
@@ -159,7 +165,7 @@ def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device
     by the full image name (`<stem>.npz`, which lost images differing only in their extension)."""
     dataset = ImageFolder(image_root, img_size)
     out_root = Path(out_root)
-    targets = [cache_file(out_root, dataset.classes[label], f) for f, label in dataset.files]
+    targets = [cache_file(out_root, image_root, dataset.classes[label], f) for f, label in dataset.files]
     stray = sorted({f for f, _ in class_folder_files(out_root, is_cache_file)[1]} - set(targets))
     if stray:
         raise ValueError(f"{out_root} holds {len(stray)} cached latents that match no image under {image_root} "
@@ -174,7 +180,7 @@ def cache_latents(vae, image_root, out_root, img_size=256, batch_size=64, device
         n = len(items)
         for j, i in enumerate(todo[start:start + batch_size]):
             targets[i].parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(targets[i], lambda tmp: np.savez(tmp, moments=moments[j], moments_flip=moments[n + j]))
+            write_npz_atomically(targets[i], moments=moments[j], moments_flip=moments[n + j])
     return out_root
 
 
@@ -341,8 +347,7 @@ class Trainer:
             from .vae import load_vae
 
             self.dataset = ImageFolder(config.data_path, config.img_size)
-            vae_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self.vae = load_vae(config.vae_path, device=self.device, dtype=vae_dtype)
+            self.vae = load_vae(config.vae_path, device=self.device)
         self.global_batch = config.batch_size * self.world
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         if self.steps_per_epoch < 1:
@@ -626,7 +631,7 @@ def run_cache_latents(parser, args):
     if args.img_size < 1 or args.batch_size < 1:
         parser.error("--img-size and --batch-size must be positive")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = load_vae(args.vae, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    vae = load_vae(args.vae, device=device)
     out = cache_latents(vae, args.data_path, args.out, img_size=args.img_size, batch_size=args.batch_size)
     print(f"latents cached under {out}")
     return 0

@@ -3,6 +3,7 @@ latent caching, and configurations that fail before any work starts."""
 import math
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,44 @@ def test_cache_keeps_images_that_differ_in_extension_or_case(tmp_path):
     np.savez(tmp_path / "cache" / "cat" / "0.npz", moments=np.zeros(1), moments_flip=np.zeros(1))  # an old-style name
     with pytest.raises(ValueError, match="match no image"):
         cache_latents(vae, tmp_path / "img", tmp_path / "cache", img_size=16, batch_size=2, progress=False)
+
+
+def test_images_in_nested_folders_are_read_and_cached_in_torchvision_order(tmp_path):
+    """root/<class>/ at any depth, as torchvision's ImageFolder (the official reader) lists it: a
+    flat listing dropped class/sub/x.png. The cache mirrors the nesting and reads back the same
+    order and labels; an interrupted write leaves a hidden .tmp file that no .npz reader lists."""
+    from PIL import Image
+
+    import marfast.vae as vae_module
+
+    layout = {"cat": ["b.png", "sub/a.png", "sub/deeper/c.png", "z.png"], "dog": ["a/x.png", "y.png"]}
+    for c, names in layout.items():
+        for i, name in enumerate(names):
+            path = tmp_path / "img" / c / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.random.RandomState(i).randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
+    images = ImageFolder(tmp_path / "img", 16)
+    listed = [(str(f.relative_to(tmp_path / "img")), label) for f, label in images.files]
+    assert listed == [("cat/b.png", 0), ("cat/z.png", 0), ("cat/sub/a.png", 0), ("cat/sub/deeper/c.png", 0),
+                      ("dog/y.png", 1), ("dog/a/x.png", 1)]
+    torch.manual_seed(0)
+    vae = vae_module.KLAutoencoder(embed_dim=4, ch_mult=(1, 2), ch=32, resolution=16).eval()
+    cache_latents(vae, tmp_path / "img", tmp_path / "cache", img_size=16, batch_size=4, progress=False)
+    data = CachedLatents(tmp_path / "cache")
+    assert [(str(f.relative_to(tmp_path / "cache")), label) for f, label in data.files] == \
+        [(name + ".npz", label) for name, label in listed]
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.startswith(".")]
+
+
+def test_atomic_writes_use_a_temporary_name_no_npz_reader_lists(tmp_path):
+    from marfast.checkpoint import write_file_atomically, write_npz_atomically
+
+    seen = []
+    write_file_atomically(tmp_path / "x.npz", lambda tmp: (seen.append(Path(tmp).name), Path(tmp).write_bytes(b"1")))
+    assert seen[0].startswith(".x.npz.") and seen[0].endswith(".tmp")
+    write_npz_atomically(tmp_path / "y.npz", a=np.arange(3))
+    assert np.array_equal(np.load(tmp_path / "y.npz")["a"], np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npz", "y.npz"]
 
 
 def test_digits_recipe_refuses_a_batch_larger_than_the_training_split(tmp_path):

@@ -66,6 +66,8 @@ def test_load_ckpt_and_safetensors(tmp_path, monkeypatch):
     for name in ("kl.ckpt", "kl.safetensors"):
         loaded = load_vae(tmp_path / name)
         assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, str(tmp_path / "kl_bf16.safetensors"))
+    assert all(p.dtype == torch.float32 for p in load_vae(tmp_path / "kl_bf16.safetensors").parameters())
     broken = dict(state)
     broken.pop("decoder.conv_out.bias")
     torch.save({"model": broken}, tmp_path / "broken.ckpt")
