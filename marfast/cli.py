@@ -105,6 +105,10 @@ def add_sample_arguments(parser):
                         help=f"pixels per image pixel in the grid (default: {DEFAULT_SCALE})")
     parser.add_argument("--device", type=device_value, default=None,
                         help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="fp32: the weights' own; bf16 / fp16: sample under autocast in that dtype (the official "
+                             "evaluation uses fp16; the VAE decodes in fp32 either way); auto: bf16 on CUDA, fp32 "
+                             "elsewhere (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); 1 is the fastest for the small "
                              "digits model when other jobs share the CPU")
@@ -199,6 +203,8 @@ def run_sample(parser, args):
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     out = check_output_path(parser, args.out) if grid_output else check_output_dir(parser, args.out)
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    autocast = None if precision == "fp32" else precision
     start = time.perf_counter()
     try:
         model = MAR.load(args.model, vae=args.vae, device=device)
@@ -222,7 +228,7 @@ def run_sample(parser, args):
         try:
             merged = generate_npz(model, out, args.num_images, classes, batch_size=args.batch_size,
                                   num_iter=num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                                  temperature=args.temperature, seed=args.seed)
+                                  temperature=args.temperature, seed=args.seed, autocast=autocast)
         except ShardMismatchError as err:
             parser.error(str(err))
         seconds = time.perf_counter() - start
@@ -235,7 +241,7 @@ def run_sample(parser, args):
     start = time.perf_counter()
     chunks = [model.sample(labels[start_index:start_index + args.batch_size], num_iter=num_iter, cfg=args.cfg,
                            cfg_schedule=args.cfg_schedule, temperature=args.temperature,
-                           seed=shard_seed(args.seed, chunk), progress=True)
+                           seed=shard_seed(args.seed, chunk), progress=True, autocast=autocast)
               for chunk, start_index in enumerate(range(0, len(labels), args.batch_size))]
     images = torch.cat(chunks)
     sample_seconds = time.perf_counter() - start
@@ -254,7 +260,8 @@ def run_sample(parser, args):
         grid.save(out, format=image_format)
     except OSError as err:
         parser.error(f"cannot write {args.out!r}: {err}")
-    print(f"sampled {len(labels)} images ({len(classes)} classes x {per_class}) from {args.model!r} on {device}: "
+    print(f"sampled {len(labels)} images ({len(classes)} classes x {per_class}) from {args.model!r} on {device} "
+          f"({precision}): "
           f"cfg {args.cfg} ({args.cfg_schedule}), {num_iter} AR steps, temperature {args.temperature}, "
           f"seed {args.seed}")
     print(f"loaded in {load_seconds:.2f} s, sampled in {sample_seconds:.2f} s "

@@ -53,13 +53,16 @@ overlaps the kernel before. The first call for a bucket runs the loop eagerly (c
 and timing the kernels; its result is returned) and then captures. Under the Triton CPU
 interpreter the loop runs eagerly through the same launchers.
 
-Packed weights (the concatenated adaLN weight, fp32 biases, cached time embeddings, graphs) are
-cached per net and rebuilt when any parameter's storage or version counter changes (optimizer
-steps, load_state_dict, `.to()`); writes through `.data` bypass version counters, so call
+The loop computes with the net's weights, or under autocast on the net's device with a cast copy
+of them in autocast's dtype (`compute_dtype`), as autocast computes the reference head's Linear
+layers. Packed weights (the concatenated adaLN weight, fp32 biases, cached time embeddings, graphs)
+are cached per net and dtype and rebuilt when any parameter's storage or version counter changes
+(optimizer steps, load_state_dict, `.to()`); writes through `.data` bypass version counters, so call
 `release_fused_cache(net)` after those. Nothing is registered on the module: the state dict does
 not change.
 """
 import contextlib
+import copy
 import math
 import weakref
 from collections import OrderedDict
@@ -205,19 +208,34 @@ def _forget_pack(net, incompatible_keys):
     _PACKS.pop(net, None)
 
 
-def packed_head(net):
-    """The cached `PackedHead` of `net`, rebuilt if any parameter changed since it was packed: replaced,
-    updated in place (version counters), or loaded by `load_state_dict` (a post-hook: a load under
-    inference_mode writes inference tensors, which have no version counter)."""
+def packed_head(net, dtype=None):
+    """The cached `PackedHead` of `net` with weights in `dtype` (default: the parameters' own, packed
+    without copies; another dtype packs a cast copy, as autocast computes the head's Linear layers),
+    rebuilt if any parameter changed since it was packed: replaced, updated in place (version
+    counters), or loaded by `load_state_dict` (a post-hook: a load under inference_mode writes
+    inference tensors, which have no version counter)."""
     signature = _signature(net)
-    pack = _PACKS.get(net)
+    own = net.input_proj.weight.dtype
+    dtype = dtype or own
+    packs = _PACKS.setdefault(net, {})
+    pack = packs.get(dtype)
     if pack is None or pack.signature != signature:
+        if pack is not None:
+            packs.clear()  # every pack of the old weights is stale
         with torch.inference_mode(False), torch.no_grad():
-            pack = PackedHead(net, signature)
-        _PACKS[net] = pack
+            pack = PackedHead(net if dtype == own else copy.deepcopy(net).to(dtype), signature)
+        packs[dtype] = pack
         if _forget_pack not in net._load_state_dict_post_hooks.values():
             net.register_load_state_dict_post_hook(_forget_pack)
     return pack
+
+
+def compute_dtype(net):
+    """The weight dtype the fused loop computes with: autocast's when autocast is on for the net's
+    device (the official sampler runs under autocast, which computes the head's Linear layers in its
+    dtype, as the reference backend does), else the parameters' own."""
+    device_type = net.input_proj.weight.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def release_fused_cache(net):
@@ -520,7 +538,8 @@ def ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, c
     """The reverse DDPM loop of `ddpm_sample_loop_reference`, fused (stable API, used by benchmarks).
 
     net: a SimpleMLPAdaLN-structured denoiser (official names) with fp32, bf16 or fp16 weights, on
-    CUDA (or on CPU under TRITON_INTERPRET=1); diffusion: the sampling GaussianDiffusion (S steps);
+    CUDA (or on CPU under TRITON_INTERPRET=1), computed in autocast's dtype when autocast is on for
+    its device (`compute_dtype`); diffusion: the sampling GaussianDiffusion (S steps);
     z: [R, Z] conditions in any float dtype but float64 (with cfg != 1, R = 2B: conditional rows
     first, then unconditional); x: float32 [R, C] initial x_T (with CFG only the first B rows are
     read: both halves start equal); temperature >= 0; cfg: number or one-element tensor;
@@ -534,14 +553,14 @@ def ddpm_sample_loop_fused(net, diffusion, z, x, temperature, cfg, step_noise, c
     rows are the guided samples (same as the reference's first half) and the second half is a copy
     of the first (the official head's second half is a by-product the caller discards).
     """
-    pack = packed_head(net)
+    pack = packed_head(net, compute_dtype(net))
     temperature = check_temperature(temperature)
     cfg = as_cfg_scale(cfg)
     use_cfg = cfg != 1.0
     rows, clip_x0 = _check_inputs(pack, diffusion, z, x, step_noise, use_cfg, clip_x0)
     if rows == 0:
         return torch.empty(0, pack.channels, device=pack.device, dtype=torch.float32)
-    # the kernels fix their own precisions: autocast (the official sampler runs under it) must not
+    # past the choice of the pack's dtype, the kernels fix their own precisions: autocast must not
     # change the dtype of the cached time embeddings or of the modulation GEMM
     on_device = torch.cuda.device(pack.device) if pack.device.type == "cuda" else contextlib.nullcontext()
     with on_device, torch.inference_mode(False), torch.no_grad(), torch.autocast(pack.device.type, enabled=False):

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import write_file_atomically, write_npz_atomically
+from .mar import sampling_autocast
 
 MANIFEST_NAME = "manifest.json"
 
@@ -142,11 +143,11 @@ def distributed_context():
 
 
 def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=1000, num_iter=64, cfg=1.0,
-                 cfg_schedule="linear", temperature=1.0, seed=0, progress=True):
+                 cfg_schedule="linear", temperature=1.0, seed=0, progress=True, autocast=None):
     """Generate `num_images` class-balanced images into out_dir; returns the merged file's path.
 
     Every rank calls this; shards are divided by rank; rank 0 merges after all ranks finish. The model
-    needs a tokenizer (or VAE) that decodes to uint8 images.
+    needs a tokenizer (or VAE) that decodes to uint8 images. autocast: as in `MAR.sample`.
     """
     if num_images < 1 or batch_size < 1 or shard_size < 1:
         raise ValueError("num_images, batch_size and shard_size must be positive")
@@ -157,6 +158,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
         raise ValueError("generate_npz writes images: the model needs a tokenizer or VAE (MAR.load(..., vae=...))")
     model.check_labels(torch.tensor(classes))
     cfg, temperature = model.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
+    sampling_autocast(model.device, autocast)
     check_seed(seed)
     rank, world = distributed_context()
     out_dir = Path(out_dir)
@@ -164,7 +166,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
     shard_dir.mkdir(parents=True, exist_ok=True)
     manifest = run_manifest(model, num_images=num_images, shard_size=shard_size, batch_size=batch_size,
                             classes=classes, seed=int(seed), num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                            temperature=temperature)
+                            temperature=temperature, autocast=autocast)
     check_manifest(shard_dir, manifest, rank, world)
     labels = balanced_labels(num_images, classes)
     num_shards = (num_images + shard_size - 1) // shard_size
@@ -179,7 +181,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
         for i in range(0, len(shard_labels), batch_size):
             batch = torch.tensor(shard_labels[i:i + batch_size], dtype=torch.long)
             images = model.sample(batch, num_iter=num_iter, cfg=cfg, cfg_schedule=cfg_schedule,
-                                  temperature=temperature, generator=generator, progress=False)
+                                  temperature=temperature, generator=generator, progress=False, autocast=autocast)
             chunks.append(to_nhwc_rgb(images))
             bar.update(len(batch))
             done += len(batch)

@@ -221,8 +221,10 @@ class VAEImageDecoder:
         self.vae = vae
 
     def decode(self, latents):
-        with torch.no_grad():
-            return self.vae.decode_to_uint8(latents.to(self.vae.post_quant_conv.weight.device))
+        """Scaled latents [B, C, h, w] -> uint8 images, in the VAE's dtype even under autocast."""
+        device = self.vae.post_quant_conv.weight.device
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            return self.vae.decode_to_uint8(latents.to(device))
 
 
 def load_vae(path, device=None, dtype=torch.float32):

@@ -31,6 +31,23 @@ def test_npz_rerun_with_other_settings_exits_2(tmp_path, capsys):
     assert not (tmp_path / "fid" / "samples_5.npz").exists()
 
 
+def test_precision_auto_is_fp32_on_the_cpu_and_bf16_samples_under_autocast(tmp_path, capsys, monkeypatch):
+    import marfast.mar as mar_module
+
+    requested = []
+    original = mar_module.sampling_autocast
+    monkeypatch.setattr(mar_module, "sampling_autocast", lambda device, autocast: requested.append(autocast) or
+                        original(device, autocast))
+    common = ["sample", "--classes", "2", "--per-class", "2", "--num-iter", "2"]
+    assert main([*common, "--out", str(tmp_path / "a.png")]) == 0
+    assert "on cpu (fp32)" in capsys.readouterr().out
+    assert main([*common, "--precision", "bf16", "--out", str(tmp_path / "b.png")]) == 0
+    assert "on cpu (bf16)" in capsys.readouterr().out and requested == [None, "bf16"]
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--precision", "fp8", "--out", str(tmp_path / "c.png")])
+    assert exc.value.code == 2
+
+
 def test_directory_batches_of_neighbouring_seeds_differ(tmp_path):
     for seed in ("0", "2"):
         assert main(["sample", "--classes", "3", "--per-class", "4", "--batch-size", "2", "--num-iter", "2",

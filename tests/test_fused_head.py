@@ -594,14 +594,39 @@ def test_packed_weights_follow_a_load_under_inference_mode():
     release_fused_cache(net)
 
 
-def test_fused_loop_ignores_autocast():
+def test_fused_loop_computes_in_the_autocast_dtype(monkeypatch):
+    """Under autocast (the official sampler runs under it) the loop computes with a cached cast copy
+    of the weights in autocast's dtype, as the reference backend's Linear layers do; the parameters
+    stay as they are. (The interpreter computes bf16 wrongly: the numbers are checked on the GPU.)"""
+    bf16, device_type = torch.bfloat16, torch.device(DEVICE).type
     net = make_net(40, 1)
-    diffusion = GaussianDiffusion(2)
+    with torch.autocast(device_type, dtype=bf16):
+        assert fused_head.compute_dtype(net) == bf16
+    assert fused_head.compute_dtype(net) is None
+    own, cast = packed_head(net), packed_head(net, bf16)
+    assert own.dtype == torch.float32 and own.input_weight.data_ptr() == net.input_proj.weight.data_ptr()
+    assert cast.dtype == bf16 and torch.equal(cast.input_weight, net.input_proj.weight.to(bf16))
+    assert torch.equal(cast.ada_weight, own.ada_weight.to(bf16)) and cast.ada_weight.dtype == bf16
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert packed_head(net) is own and packed_head(net, bf16) is cast and packed_head(net, torch.float32) is own
+    with torch.no_grad():
+        net.input_proj.weight.mul_(2.0)
+    fresh = packed_head(net, bf16)
+    assert fresh is not cast and torch.equal(fresh.input_weight, net.input_proj.weight.to(bf16))
+    assert packed_head(net) is not own
+    chosen = []
+
+    def recording(net, dtype=None):
+        chosen.append(dtype)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fused_head, "packed_head", recording)
     z, x, noise = on_device(torch.randn(3, 24), torch.randn(3, 16), torch.randn(2, 3, 16))
-    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # the official sampler runs under autocast
-        under_autocast = ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 1.0, noise)
+    for autocast in (True, False):
+        with torch.autocast(device_type, dtype=bf16, enabled=autocast), pytest.raises(KeyboardInterrupt):
+            ddpm_sample_loop_fused(net, GaussianDiffusion(2), z, x, 1.0, 1.0, noise)
+    assert chosen == [bf16, None]
     release_fused_cache(net)
-    assert torch.equal(under_autocast, ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 1.0, noise))
 
 
 def test_diffloss_sample_triton_backend_matches_torch_backend():
@@ -726,6 +751,23 @@ def check_released_parity(preset, dtype, state_rows, cfg):
         bound = min(bound, max(2 * yardstick, GPU_TOLERANCE[torch.float32]))
     assert torch.isfinite(fused).all()
     assert error <= bound, f"{preset} {dtype}: relative error {error:.3g} > {bound:.3g}"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_fused_loop_under_autocast_equals_a_cast_head(dtype):
+    """An fp32 mar_base head sampled under autocast computes as the same head cast to autocast's dtype."""
+    depth, width, z_channels = RELEASED_HEADS["mar_base"]
+    net = make_net(width, depth, z_channels=z_channels, seed=2, device="cuda")
+    cast = copy.deepcopy(net).to(dtype)
+    diffusion, z, x, noise, _ = loop_inputs(1, 37, 3.0, 16, z_channels)
+    z, x, noise = z.cuda(), x.cuda(), noise.cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        under_autocast = ddpm_sample_loop_fused(net, diffusion, z, x, 1.0, 3.0, noise, GPU_CLIP)
+    expected = ddpm_sample_loop_fused(cast, diffusion, z, x, 1.0, 3.0, noise, GPU_CLIP)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert relative_error(under_autocast.double().cpu(), expected.double().cpu()) < 1e-3
 
 
 @gpu

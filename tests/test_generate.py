@@ -72,6 +72,7 @@ def test_a_rerun_of_another_run_is_refused(tmp_path):
                                           (model, dict(seed=9), "seed"),
                                           (model, dict(num_images=5), "num_images"),
                                           (model, dict(cfg=3.0, temperature=0.5), "cfg, temperature"),
+                                          (model, dict(autocast="bf16"), "autocast"),
                                           (other_weights, {}, "weights_sha256")]:
         with pytest.raises(ShardMismatchError, match=f"differs in {differs}\\b.*delete"):
             generate_npz(other_model, tmp_path, **{**kwargs, **changes})

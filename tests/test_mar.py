@@ -109,6 +109,32 @@ def test_sample_is_reproducible_from_a_seed(cfg, schedule):
     assert np.array_equal(np.random.get_state()[1], state[1])  # NumPy's global RNG is never used
 
 
+@pytest.mark.parametrize("autocast,dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_sample_runs_under_autocast_and_decodes_outside_it(autocast, dtype):
+    """sample(autocast=...) computes the transformer and the head in that dtype (their Linear layers
+    see autocast on) and decodes in the tokenizer's own dtype; the weights stay float32."""
+    model = random_tiny_mar(sample_clip=(-3.0, 3.0))  # a random head's x0 would overflow fp16 otherwise
+    seen = {"linear": set(), "decode": None}
+    model.encoder_blocks[0].attn.qkv.register_forward_hook(
+        lambda module, inputs, output: seen["linear"].add(output.dtype))
+    model.diffloss.net.input_proj.register_forward_hook(lambda module, inputs, output: seen["linear"].add(output.dtype))
+
+    class Tokenizer:
+        def decode(self, latents):
+            seen["decode"] = (torch.is_autocast_enabled("cpu"), latents.dtype)
+            return latents
+
+    model.tokenizer = Tokenizer()
+    plain = model.sample([1, 2], num_iter=3, cfg=2.0, seed=3, progress=False)
+    seen["linear"].clear()
+    low = model.sample([1, 2], num_iter=3, cfg=2.0, seed=3, progress=False, autocast=autocast)
+    assert seen["linear"] == {dtype} and seen["decode"] == (False, torch.float32)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all() and not torch.equal(low, plain)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with pytest.raises(ValueError, match="autocast must be None or one of"):
+        model.sample([1], num_iter=2, autocast="int8")
+
+
 def test_sample_tokens_official_call_and_unconditional():
     model = tiny_mar().eval()
     torch.manual_seed(0)
