@@ -22,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .checkpoint import write_file_atomically, write_npz_atomically
-from .mar import sampling_autocast
+from .mar import check_autocast
 
 MANIFEST_NAME = "manifest.json"
 
@@ -158,7 +158,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
         raise ValueError("generate_npz writes images: the model needs a tokenizer or VAE (MAR.load(..., vae=...))")
     model.check_labels(torch.tensor(classes))
     cfg, temperature = model.check_sampling_args(num_iter, cfg, cfg_schedule, temperature)
-    sampling_autocast(model.device, autocast)
+    check_autocast(autocast)
     check_seed(seed)
     rank, world = distributed_context()
     out_dir = Path(out_dir)
@@ -199,7 +199,7 @@ def generate_npz(model, out_dir, num_images, classes, batch_size=64, shard_size=
             parts.append(load_shard(shard_dir / f"shard_{k:05d}.npz", labels[k * shard_size:(k + 1) * shard_size],
                                     parts[0][0].shape[1:]))
         write_npz_atomically(merged, arr_0=np.concatenate([images for images, _ in parts]),
-                         labels=np.concatenate([shard_labels for _, shard_labels in parts]))
+                             labels=np.concatenate([shard_labels for _, shard_labels in parts]))
     if world > 1:
         dist.barrier()
     return merged

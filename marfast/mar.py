@@ -647,13 +647,17 @@ class MAR(nn.Module):
         return images_to_pil(images) if pil else images
 
 
+def check_autocast(autocast):
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
+    return autocast
+
+
 def sampling_autocast(device, autocast):
     """The context `MAR.sample` samples under: autocast in AUTOCAST_DTYPES[autocast] on `device`, or
     none for autocast=None."""
-    if autocast is None:
+    if check_autocast(autocast) is None:
         return contextlib.nullcontext()
-    if autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}")
     return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[autocast])
 
 
