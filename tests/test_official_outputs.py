@@ -3,13 +3,15 @@
 tests/data/official_tiny_mar.safetensors holds a tiny official MAR's weights (every tensor perturbed:
 the official init zeroes the head's adaLN and output layers), its inputs, and what the official code
 computed from them: the training loss and six parameters' gradients (train mode, global seed 5:
-label drop, timesteps and noise), and `sample_tokens` for three settings (global seeds 7-9), in
-float32 as the official code runs, and in float64 with two dtype-only changes to the official code
-(diffusion tables not cast to float32, the float32 timestep embedding cast to the MLP's dtype). The
-orders and the masked count are fixed on both sides (the official code draws them from NumPy's
-global RNG, marfast from torch generators). Every other draw comes from torch's global CPU
-generator in the same order on both sides; `rng_canary` (torch.randn(4) after manual_seed(0)) tells
-a change of that generator from a change of marfast.
+label drop, timesteps and noise), and `sample_tokens` for four settings (global seeds 7-10, one
+unconditional). In float32 as the official code runs; in float64 with dtype-only changes to the
+official code: the diffusion tables not cast to float32, the float32 timestep embedding cast to
+the MLP's dtype, and float64 as the default dtype while sampling (x_T and the step noise drawn in
+float64, as marfast draws them for a float64 state). The orders and the masked count are fixed on
+both sides (the official code draws them from NumPy's global RNG, marfast from torch generators).
+Every other draw comes from torch's global CPU generator in the same order on both sides;
+`rng_canary` (torch.randn(4) after manual_seed(0)) tells a change of that generator from a change
+of marfast.
 """
 import json
 from functools import partial
@@ -79,13 +81,14 @@ def test_training_loss_and_gradients_equal_the_official(official, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("loop", ["sample_tokens", "sample_tokens_fast"])
-@pytest.mark.parametrize("case", ["cfg1", "cfg3_linear", "cfg2_constant"])
+@pytest.mark.parametrize("case", ["cfg1", "cfg3_linear", "cfg2_constant", "unconditional_cfg2"])
 def test_sampled_tokens_equal_the_official(official, dtype, loop, case):
     tensors, meta = official
     settings = json.loads(meta["sample_cases"])[case]
     model = official_model(official, dtype).eval()
     torch.manual_seed(settings["seed"])
     tokens = getattr(model, loop)(settings["bsz"], num_iter=settings["num_iter"], cfg=settings["cfg"],
-                                  cfg_schedule=settings["cfg_schedule"], labels=tensors["labels"][:settings["bsz"]],
+                                  cfg_schedule=settings["cfg_schedule"],
+                                  labels=None if settings.get("unconditional") else tensors["labels"][:settings["bsz"]],
                                   temperature=settings["temperature"])
     assert_close_to(tokens, tensors[f"{TAGS[dtype]}.sample.{case}"], dtype, f"{loop} {case}")
