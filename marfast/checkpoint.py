@@ -375,7 +375,7 @@ def load_model(source, vae=None, ema=True, device=None, dtype=None, revision=Non
     """Build a MAR from `source` (see module docstring); returns it in eval mode.
 
     vae: a KL-16 checkpoint path (`kl16.ckpt` / `kl16.safetensors`) or "kl16" (hub); when given,
-    `sample` returns uint8 images (the VAE runs in bf16 on CUDA, float32 elsewhere). Its latent
+    `sample` returns uint8 images (the VAE runs in float32, as officially: `load_vae`). Its latent
     channels and stride must be the model's vae_embed_dim and vae_stride.
     dtype: a floating-point torch.dtype or its name ("bfloat16"), or None (as stored: float32).
     """
@@ -408,7 +408,7 @@ def _load_mar(source, ema, device, dtype, revision, hub_repo):
     if str(source) in HUB_FILES and str(source) != "kl16" and not Path(source).exists():
         if ema:
             warnings.warn(f"{source!r} comes from the public safetensors port, reported to hold the non-EMA weights; "
-                          "use the official checkpoint-last.pth for the EMA weights", stacklevel=3)
+                          "use the official checkpoint-last.pth for the EMA weights", stacklevel=4)
         source = resolve_hub_file(str(source), revision, hub_repo)
     path = Path(source)
     if not path.exists() and (PACKAGED_MODELS_DIR / str(source)).is_dir():

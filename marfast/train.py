@@ -478,8 +478,8 @@ class Trainer:
                              f"checkpoint, {self.total_steps} now")
         if diffs:
             raise ValueError(f"cannot resume {self.out / 'checkpoint-last.pth'}: exact resumption needs the same "
-                             "run, but\n  " + "\n  ".join(diffs) + "\n(use another output_dir, or resume=False to "
-                             "start over)")
+                             "run, but\n  " + "\n  ".join(diffs) + "\n(use another output_dir, or resume=False (--no-resume) "
+                             "to start over)")
 
     def restore(self, ckpt):
         """Optimizer, EMA, step and RNG states from a checkpoint (model weights are loaded before wrapping)."""
