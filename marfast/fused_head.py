@@ -233,9 +233,12 @@ def packed_head(net, dtype=None):
 def compute_dtype(net):
     """The weight dtype the fused loop computes with: autocast's when autocast is on for the net's
     device (the official sampler runs under autocast, which computes the head's Linear layers in its
-    dtype, as the reference backend does), else the parameters' own."""
-    device_type = net.input_proj.weight.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    dtype, as the reference backend does), else (and for float64 weights, which autocast leaves
+    alone) the parameters' own (None)."""
+    weight = net.input_proj.weight
+    if weight.dtype == torch.float64 or not torch.is_autocast_enabled(weight.device.type):
+        return None
+    return torch.get_autocast_dtype(weight.device.type)
 
 
 def release_fused_cache(net):

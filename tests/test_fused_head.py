@@ -602,6 +602,7 @@ def test_fused_loop_computes_in_the_autocast_dtype(monkeypatch):
     net = make_net(40, 1)
     with torch.autocast(device_type, dtype=bf16):
         assert fused_head.compute_dtype(net) == bf16
+        assert fused_head.compute_dtype(copy.deepcopy(net).double()) is None  # autocast leaves float64 alone
     assert fused_head.compute_dtype(net) is None
     own, cast = packed_head(net), packed_head(net, bf16)
     assert own.dtype == torch.float32 and own.input_weight.data_ptr() == net.input_proj.weight.data_ptr()
