@@ -84,7 +84,7 @@ def test_learning_rate_follows_the_official_schedule(schedule):
 
 
 def test_a_non_finite_gradient_skips_the_update(tmp_path, digits_init):
-    """A finite loss with a NaN gradient (step 1 of 3 here) leaves weights, optimizer state and EMA as
+    """A finite loss with a NaN gradient (the second of two steps here) leaves weights, optimizer state and EMA as
     they were (the run equals the one that never took that step's update), with a warning."""
     data = DigitsLatents(256)
     clean = Trainer(config(tmp_path / "clean", digits_init, max_steps=1, save_every_steps=1), dataset=data)
@@ -287,8 +287,8 @@ def test_cache_keeps_images_that_differ_in_extension_or_case(tmp_path):
 
 def test_images_in_nested_folders_are_read_and_cached_in_torchvision_order(tmp_path):
     """root/<class>/ at any depth, as torchvision's ImageFolder (the official reader) lists it: a
-    flat listing dropped class/sub/x.png. The cache mirrors the nesting and reads back the same
-    order and labels; an interrupted write leaves a hidden .tmp file that no .npz reader lists."""
+    flat listing dropped class/sub/x.png. The cache mirrors the nesting, reads back the same order
+    and labels, and no temporary file is left."""
     from PIL import Image
 
     import marfast.vae as vae_module
